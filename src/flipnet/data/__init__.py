@@ -1,0 +1,37 @@
+"""Data sets held in memory as tensors, and loaders that scale and augment them on the device.
+
+>>> from flipnet.data import load_dataset, make_loader
+>>> bundle = load_dataset("digits")
+>>> loader = make_loader(bundle, "train", 64, train=True, device="cpu", augment=False, seed=0)
+
+See ``docs/data.md`` for every data set, where it is looked for, and the loader semantics.
+"""
+
+from flipnet.data import cifar10, digits, mnist, pets, svhn, synthetic  # noqa: F401  (register the data sets)
+from flipnet.data.base import (
+    DataFormatError,
+    DatasetBundle,
+    default_root,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
+from flipnet.data.cifar10 import load_lossless_subset
+from flipnet.data.gpu_loader import MASK_FILL, GpuLoader, augment_batch, scale_images
+from flipnet.data.loader import HostLoader, make_loader
+
+__all__ = [
+    "MASK_FILL",
+    "DataFormatError",
+    "DatasetBundle",
+    "GpuLoader",
+    "HostLoader",
+    "augment_batch",
+    "default_root",
+    "list_datasets",
+    "load_dataset",
+    "load_lossless_subset",
+    "make_loader",
+    "register_dataset",
+    "scale_images",
+]
