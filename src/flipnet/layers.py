@@ -20,8 +20,13 @@ Weight modes (per layer)
     ``weight`` holds exactly ±1 and is used as it is. Flip optimizers (:class:`flipnet.optim.Bop`,
     :class:`~flipnet.optim.Bop2ndOrder`, :class:`~flipnet.optim.CEMA`) update it by flipping signs,
     following Helwegen et al. 2019, "Latent Weights Do Not Exist: Rethinking Binarized Neural
-    Network Optimization". Loading a state dict with a non-binary weight into a flip-mode layer
-    raises an error.
+    Network Optimization". The weight mode is saved in the state dict (as extra state) and
+    restored on loading; loading a weight that is not exactly ±1 in flip mode raises
+    ``ValueError`` (build the model in latent mode, load, then :func:`set_weight_mode`).
+
+Layers that keep real weights (``weight_quantizer=None``, binary inputs only) are binary layers
+whose weight is not a binary parameter: :func:`binary_parameters` leaves it out and flip mode is
+refused for them.
 
 Scaling (``scale``)
 -------------------
@@ -31,8 +36,11 @@ Scaling (``scale``)
     :math:`\alpha_c = \mathrm{mean}\,|W_c|`, the per-output-channel mean magnitude of the latent
     weight (Rastegari et al. 2016, XNOR-Net). Latent mode only: in flip mode :math:`|W| = 1`.
 ``"learnable"``
-    :math:`\alpha` is a trainable per-channel parameter, initialised to :math:`\mathrm{mean}\,|W_c|`
-    in latent mode and to 1 in flip mode (in the spirit of Zhang et al. 2018, LQ-Nets).
+    :math:`\alpha` is a trainable per-channel parameter (``layer.scale``), initialised to
+    :math:`\mathrm{mean}\,|W_c|` of the initial weight: the latent weight in latent mode, hence 1
+    in flip mode (:meth:`BinaryLayer.reset_scale` re-initialises it). Trained with the real
+    parameters, in the spirit of Zhang et al. 2018, "LQ-Nets: Learned Quantization for Highly
+    Accurate and Compact Deep Neural Networks" (one learned basis coefficient per channel).
 
 Since the scale multiplies the output channel, it is applied to the convolution output, which
 is exactly :math:`(\alpha\,\mathrm{sign}(W)) \ast x`.
@@ -83,11 +91,13 @@ class BinaryLayer(nn.Module):
         weight_quantizer: module applied to latent weights (unused in flip mode).
         weight_mode: ``"latent"`` or ``"flip"``.
         scale_mode: ``"none"``, ``"xnor"`` or ``"learnable"``.
+        scale: the learnable per-output-channel scale (``scale_mode="learnable"``), else ``None``.
         weight_clip: clip value of latent weights, or ``None``.
     """
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    scale: nn.Parameter | None
 
     def _init_binary(
         self,
@@ -101,8 +111,12 @@ class BinaryLayer(nn.Module):
             raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {weight_mode!r}")
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        if weight_clip is not None and not weight_clip > 0:
-            raise ValueError(f"weight_clip must be positive or None, got {weight_clip!r}")
+        if weight_clip is not None and (
+            isinstance(weight_clip, bool)
+            or not isinstance(weight_clip, (int, float))
+            or not (weight_clip > 0 and math.isfinite(weight_clip))
+        ):
+            raise ValueError(f"weight_clip must be a positive finite number or None, got {weight_clip!r}")
         if scale == "xnor" and weight_mode == "flip":
             raise ValueError(
                 "scale='xnor' needs latent weights (mean |W| of ±1 weights is 1); "
@@ -110,27 +124,40 @@ class BinaryLayer(nn.Module):
             )
         self.input_quantizer = get_quantizer(input_quantizer)
         self.weight_quantizer = get_quantizer(weight_quantizer)
+        if weight_mode == "flip" and not is_binary_quantizer(self.weight_quantizer):
+            raise ValueError(
+                "weight_mode='flip' needs binary weights but the weight quantizer "
+                f"{quantizer_name(self.weight_quantizer)!r} is not 1-bit; pass weight_quantizer='ste_sign' "
+                "or use weight_mode='latent'"
+            )
         self.weight_mode: str = weight_mode
         self.scale_mode: str = scale
-        self.weight_clip = weight_clip
-        out_channels = self.weight.shape[0]
-        if scale == "learnable":
-            init = torch.ones(out_channels) if weight_mode == "flip" else _channel_mean_abs(self.weight)
-            self.scale = nn.Parameter(init.clone())
-        else:
-            self.register_parameter("scale", None)
+        self.weight_clip = None if weight_clip is None else float(weight_clip)
         if weight_mode == "flip":
             with torch.no_grad():
                 self.weight.copy_(sign(self.weight))
-        elif weight_clip is not None:
+        elif self.weight_clip is not None:
             with torch.no_grad():
-                self.weight.clamp_(-weight_clip, weight_clip)
+                self.weight.clamp_(-self.weight_clip, self.weight_clip)
+        if scale == "learnable":
+            self.scale = nn.Parameter(_channel_mean_abs(self.weight))
+        else:
+            self.register_parameter("scale", None)
 
     # ------------------------------------------------------------------ weights
     @property
     def binary_inputs(self) -> bool:
         """True where the input quantizer produces 1-bit values."""
         return is_binary_quantizer(self.input_quantizer)
+
+    @property
+    def has_binary_weight(self) -> bool:
+        """True where the forward pass uses 1-bit weights: flip mode, or a 1-bit weight quantizer.
+
+        A layer with ``weight_quantizer=None`` (real weights, e.g. binary activations only) is
+        a binary layer whose weight is *not* a binary parameter.
+        """
+        return self.weight_mode == "flip" or is_binary_quantizer(self.weight_quantizer)
 
     def quantized_weight(self) -> Tensor:
         """The weight used by the forward pass, without the output scale."""
@@ -143,19 +170,43 @@ class BinaryLayer(nn.Module):
         return sign(self.weight.detach())
 
     def output_scale(self) -> Tensor | None:
-        """Per-output-channel :math:`\\alpha`, or ``None`` for ``scale='none'``."""
+        r"""Per-output-channel :math:`\alpha` of shape ``(out,)``, or ``None`` for ``scale='none'``.
+
+        For ``"xnor"`` it is computed from the latent weight on every call and the gradient
+        flows through it, as in XNOR-Net (:math:`\partial\alpha_c/\partial W_{ci} =
+        \mathrm{sign}(W_{ci})/n`).
+        """
         if self.scale_mode == "xnor":
             return self.weight.abs().flatten(1).mean(dim=1)
         if self.scale_mode == "learnable":
             return self.scale
         return None
 
+    @torch.no_grad()
+    def reset_scale(self, weight: Tensor | None = None) -> None:
+        """Set the learnable scale to the per-channel mean |W| of ``weight`` (default: own weight).
+
+        In flip mode the own weight is ±1, so the scale becomes 1; :func:`flipnet.convert.binarize`
+        passes the float weight it converts so that the output magnitude is kept.
+        """
+        if self.scale is None:
+            raise ValueError(f"{type(self).__name__} has no learnable scale; construct it with scale='learnable'")
+        source = self.weight if weight is None else weight
+        if source.shape != self.weight.shape:
+            raise ValueError(
+                f"weight of shape {tuple(source.shape)} does not match the layer's {tuple(self.weight.shape)}"
+            )
+        self.scale.copy_(_channel_mean_abs(source).to(self.scale))
+
+    def _channel_view(self, t: Tensor, out: Tensor) -> Tensor:
+        return t.to(out.dtype)
+
     def _finish(self, out: Tensor) -> Tensor:
         alpha = self.output_scale()
         if alpha is not None:
-            out = out * alpha.view((1, -1) + (1,) * (out.dim() - 2)).to(out.dtype)
+            out = out * self._channel_view(alpha, out)
         if self.bias is not None:
-            out = out + self.bias.view((1, -1) + (1,) * (out.dim() - 2)).to(out.dtype)
+            out = out + self._channel_view(self.bias, out)
         return out
 
     @torch.no_grad()
@@ -166,11 +217,21 @@ class BinaryLayer(nn.Module):
 
     @torch.no_grad()
     def set_weight_mode(self, mode: str) -> None:
-        """Switch between ``"latent"`` and ``"flip"``; going to flip binarises the weight."""
+        """Switch between ``"latent"`` and ``"flip"``; going to flip replaces the weight by its signs.
+
+        Going back to latent keeps the ±1 values as latent weights. The weight quantizer is not
+        used in flip mode (a ``magnitude_aware_sign`` factor is dropped; use
+        ``scale='learnable'`` to keep a magnitude).
+        """
         if mode not in WEIGHT_MODES:
             raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {mode!r}")
         if mode == "flip" and self.scale_mode == "xnor":
             raise ValueError("scale='xnor' needs latent weights; cannot switch this layer to flip mode")
+        if mode == "flip" and not is_binary_quantizer(self.weight_quantizer):
+            raise ValueError(
+                f"this {type(self).__name__} keeps real weights (weight quantizer "
+                f"{quantizer_name(self.weight_quantizer)!r}); it cannot be put in flip mode"
+            )
         if mode == "flip":
             self.weight.copy_(sign(self.weight))
         self.weight_mode = mode
@@ -184,13 +245,53 @@ class BinaryLayer(nn.Module):
             )
 
     # ------------------------------------------------------------ persistence
+    # The weight mode travels with the state dict as "extra state" (key ``<prefix>_extra_state``,
+    # a dict ``{"weight_mode": ...}``), so a checkpoint restores the mode it was saved in. The
+    # key is optional when loading: a state dict of a plain nn.Conv2d/nn.Linear loads strictly.
     def get_extra_state(self) -> dict:
+        """``{"weight_mode": mode}``, stored in the state dict."""
         return {"weight_mode": self.weight_mode}
 
     def set_extra_state(self, state: dict) -> None:
+        """Restore the weight mode saved by :meth:`get_extra_state` (other keys are ignored)."""
         mode = state.get("weight_mode", self.weight_mode) if isinstance(state, dict) else self.weight_mode
+        if mode not in WEIGHT_MODES:
+            raise ValueError(f"the state dict holds an unknown weight_mode {mode!r}; expected one of {WEIGHT_MODES}")
+        if mode == "flip" and self.scale_mode == "xnor":
+            raise ValueError(
+                "the state dict is in flip mode but this layer uses scale='xnor', which needs latent weights; "
+                "build the layer with scale='learnable' or 'none'"
+            )
         self.weight_mode = mode
         self.check_binary()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A flip-mode weight must stay exactly ±1: refuse real weights before anything is copied.
+        extra_key = prefix + "_extra_state"
+        extra = state_dict.get(extra_key)
+        mode = extra.get("weight_mode", self.weight_mode) if isinstance(extra, dict) else self.weight_mode
+        incoming = state_dict.get(prefix + "weight")
+        if mode == "flip" and isinstance(incoming, Tensor) and not bool((incoming.detach().abs() == 1).all()):
+            name = prefix[:-1] or type(self).__name__
+            raise ValueError(
+                f"layer {name!r} loads in flip mode but the state dict's weight holds values other "
+                "than ±1; load it into a model built with weight_mode='latent' and then call "
+                "flipnet.set_weight_mode(model, 'flip') to binarise it"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if extra_key not in state_dict and extra_key in missing_keys:
+            missing_keys.remove(extra_key)
 
     def _binary_repr(self) -> str:
         parts = [
@@ -202,7 +303,7 @@ class BinaryLayer(nn.Module):
         if self.scale_mode != "none":
             parts.append(f"scale={self.scale_mode}")
         if self.weight_clip is not None and self.weight_mode == "latent":
-            parts.append(f"weight_clip={self.weight_clip}")
+            parts.append(f"weight_clip={self.weight_clip:g}")
         return ", ".join(parts)
 
 
@@ -236,10 +337,19 @@ class _BinaryConvNd(BinaryLayer):
     pad_value: float
 
     def _setup_padding(self, pad_value: float) -> None:
+        if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or not math.isfinite(pad_value):
+            raise ValueError(f"pad_value must be a finite number (usually -1, 0 or +1), got {pad_value!r}")
         self.pad_value = float(pad_value)
         self._explicit_pad = _explicit_padding(self.padding, self.kernel_size, self.dilation, self.stride)
         if self.pad_value != 0.0 and self.padding_mode != "zeros":
-            raise ValueError("pad_value needs padding_mode='zeros'")
+            raise ValueError(
+                f"pad_value={pad_value:g} needs padding_mode='zeros' (got {self.padding_mode!r}); "
+                "use one or the other"
+            )
+
+    def _channel_view(self, t: Tensor, out: Tensor) -> Tensor:
+        # channel dim is the one before the spatial dims, batched (N, C, ...) or not (C, ...)
+        return t.to(out.dtype).view((-1,) + (1,) * len(self.kernel_size))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x)
@@ -387,10 +497,15 @@ def binary_modules(model: nn.Module) -> Iterator[tuple[str, BinaryLayer]]:
 
 
 def named_binary_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Yield ``(name, weight)`` for the weight of every binary layer (latent or flip mode)."""
+    """Yield ``(name, weight)`` for the weight of every binary layer with 1-bit weights.
+
+    Both weight modes count (latent weights are the real proxies of binary weights); a binary
+    layer built with ``weight_quantizer=None`` keeps real weights and is left out. A weight
+    shared by several layers is yielded once.
+    """
     seen: set[int] = set()
     for name, m in binary_modules(model):
-        if id(m.weight) not in seen:
+        if m.has_binary_weight and id(m.weight) not in seen:
             seen.add(id(m.weight))
             yield (f"{name}.weight" if name else "weight"), m.weight
 
@@ -425,7 +540,22 @@ def apply_constraints(model: nn.Module) -> None:
 
 
 def set_weight_mode(model: nn.Module, mode: str) -> nn.Module:
-    """Put every binary layer of ``model`` in ``mode`` (``"latent"`` or ``"flip"``)."""
-    for _, m in binary_modules(model):
+    """Put every binary layer with 1-bit weights in ``mode`` (``"latent"`` or ``"flip"``).
+
+    Layers that keep real weights (``weight_quantizer=None``) are left alone. Returns ``model``.
+    Raises ``ValueError`` for an unknown mode, or for flip mode with an ``scale='xnor'`` layer,
+    before any layer is changed.
+    """
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {mode!r}")
+    layers = [(name, m) for name, m in binary_modules(model) if m.has_binary_weight]
+    if mode == "flip":
+        xnor = [name or type(m).__name__ for name, m in layers if m.scale_mode == "xnor"]
+        if xnor:
+            raise ValueError(
+                f"layers {xnor} use scale='xnor', which needs latent weights; "
+                "rebuild them with scale='learnable' or 'none' to train in flip mode"
+            )
+    for _, m in layers:
         m.set_weight_mode(mode)
     return model

@@ -31,13 +31,15 @@ References
 * Courbariaux et al. 2016, "Binarized Neural Networks" (straight-through estimator, ``ste_sign``).
 * Liu et al. 2018, "Bi-Real Net" (``approx_sign``).
 * Darabi et al. 2018, "BNN+: Improved binary network training" (``swish_sign``).
-* Liu et al. 2018, Bi-Real Net, magnitude-aware gradient (``magnitude_aware_sign``).
+* Liu et al. 2018, Bi-Real Net, magnitude-aware sign of the weights (``magnitude_aware_sign``).
 * Rastegari et al. 2016, "XNOR-Net" and Zhang et al. 2018, "LQ-Nets" (weight scaling, see
   :mod:`flipnet.layers`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable, Union
 
 import torch
@@ -62,6 +64,7 @@ __all__ = [
     "QuantizerLike",
     "get_quantizer",
     "quantizer_name",
+    "is_binary_quantizer",
 ]
 
 
@@ -71,8 +74,16 @@ def sign(x: Tensor) -> Tensor:
 
 
 def _check_clip(clip_value: float | None) -> None:
-    if clip_value is not None and not clip_value > 0:
+    if clip_value is None:
+        return
+    if isinstance(clip_value, bool) or not isinstance(clip_value, (int, float)) or not clip_value > 0:
         raise ValueError(f"clip_value must be a positive number or None (no clipping), got {clip_value!r}")
+
+
+def _check_beta(beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+    return float(beta)
 
 
 def _clip_mask(x: Tensor, clip_value: float | None) -> Tensor | None:
@@ -157,11 +168,12 @@ def swish_sign(x: Tensor, beta: float = 5.0) -> Tensor:
 
     .. math:: \frac{\partial q}{\partial x} = \frac{\beta\,(2 - \beta x \tanh(\beta x / 2))}{1 + \cosh(\beta x)}
 
-    ``beta = 5`` by default. Reference: Darabi et al. 2018, "BNN+".
+    The surrogate gradient peaks at :math:`\beta` in 0 and changes sign at
+    :math:`|x| \approx 2.4/\beta`; a larger ``beta`` approaches the STE without clipping.
+    ``beta = 5`` by default. Reference: Darabi et al. 2018, "BNN+: Improved Binary Network
+    Training".
     """
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta!r}")
-    return _SwishSignFn.apply(x, float(beta))
+    return _SwishSignFn.apply(x, _check_beta(beta))
 
 
 class _SteHeavisideFn(torch.autograd.Function):
@@ -189,26 +201,34 @@ def ste_heaviside(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
 
 
 def _channel_mean_abs(x: Tensor) -> Tensor:
-    """Mean |x| over every dimension but the first (per output channel for weights)."""
+    """Mean |x| over every dimension but the first, kept broadcastable to ``x``.
+
+    For a weight of shape ``(out, in, *k)`` this is one value per output channel; a 0-d or 1-d
+    tensor is treated as a single channel (one scalar mean).
+    """
     if x.dim() <= 1:
-        return x.abs().mean().expand_as(x) if x.dim() == 1 else x.abs()
-    dims = tuple(range(1, x.dim()))
-    return x.abs().mean(dim=dims, keepdim=True)
+        return x.abs().mean().expand_as(x)
+    return x.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
 
 
 def magnitude_aware_sign(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
     r"""Magnitude-aware sign for weights (Bi-Real Net).
 
     Forward :math:`q(x) = \alpha\,\mathrm{sign}(x)` with :math:`\alpha = \mathrm{mean}|x|` per
-    output channel (over every dimension but the first; the scalar mean for 1-D tensors). The
-    scale is treated as a constant in the backward pass, which is the STE scaled by
-    :math:`\alpha`: :math:`\partial q/\partial x = \alpha\,1[|x| \le c]`.
+    slice along the first dimension (the output channel of a weight ``(out, in, *k)``; a 0-d or
+    1-d tensor has one scalar :math:`\alpha`). The scale is a constant in the backward pass, so
+    the gradient is the clipped STE scaled by :math:`\alpha`:
+    :math:`\partial L/\partial x = g\,\alpha\,1[|x| \le c]` (``clip_value`` c = 1).
 
-    Reference: Liu et al. 2018, "Bi-Real Net", section 3.3.
+    The output is 1-bit up to one real factor per channel, which is how
+    :mod:`flipnet.compress.summary` counts it (1-bit weights plus one float per channel).
+
+    Reference: Liu et al. 2018, "Bi-Real Net: Enhancing the Performance of 1-bit CNNs with
+    Improved Representational Capability and Advanced Training Algorithm", section 3.3.
     """
     _check_clip(clip_value)
     alpha = _channel_mean_abs(x).detach()
-    return alpha * ste_sign(x, clip_value)
+    return alpha * _SteSignFn.apply(x, clip_value)
 
 
 def identity(x: Tensor) -> Tensor:
@@ -217,10 +237,16 @@ def identity(x: Tensor) -> Tensor:
 
 
 class Quantizer(nn.Module):
-    """Base class of quantizer modules. Subclasses set :attr:`alias` and :attr:`precision`."""
+    """Base class of quantizer modules. Subclasses set :attr:`alias` and :attr:`precision`.
 
+    A quantizer module holds no parameters or state of its own here, so it can be shared,
+    copied and pickled freely.
+    """
+
+    #: the string alias (key of :data:`QUANTIZERS`).
     alias: str = ""
-    #: bits per element of the output (32 for identity); used by :func:`flipnet.summary`.
+    #: bits per element of the output (1 for the sign functions, 32 for identity); read by
+    #: :func:`is_binary_quantizer` and :func:`flipnet.compress.summary.summary`.
     precision: int = 1
 
     def extra_repr(self) -> str:
@@ -260,9 +286,7 @@ class SwishSign(Quantizer):
 
     def __init__(self, beta: float = 5.0) -> None:
         super().__init__()
-        if not beta > 0:
-            raise ValueError(f"beta must be positive, got {beta!r}")
-        self.beta = float(beta)
+        self.beta = _check_beta(beta)
 
     def forward(self, x: Tensor) -> Tensor:
         return swish_sign(x, self.beta)
@@ -325,11 +349,16 @@ QuantizerLike = Union[str, nn.Module, Callable[[Tensor], Tensor], None]
 
 
 class _CallableQuantizer(Quantizer):
+    """Wraps a plain function; ``precision`` comes from the function's own ``precision``
+    attribute where it has one, else it is 32 (a summary never counts unknown code as 1-bit)."""
+
     alias = "custom"
 
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.fn = fn
+        bits = getattr(fn, "precision", 32)
+        self.precision = int(bits) if isinstance(bits, int) and not isinstance(bits, bool) and bits > 0 else 32
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(x)
@@ -348,34 +377,70 @@ _FUNCTIONS: dict[Callable, str] = {
 }
 
 
-def get_quantizer(q: QuantizerLike) -> nn.Module:
-    """Resolve a quantizer given by alias, module, function or ``None`` to an ``nn.Module``.
+def _normalise_alias(name: str) -> str:
+    key = name.strip().replace("-", "_")
+    if key in _CLASS_NAMES:
+        return _CLASS_NAMES[key]
+    return key.lower()
 
-    ``None`` and ``"identity"`` give :class:`Identity`. Strings are looked up in
-    :data:`QUANTIZERS`; an unknown alias raises ``ValueError`` listing the valid ones.
-    Modules are returned as they are; plain callables are wrapped.
+
+_CLASS_NAMES: dict[str, str] = {cls.__name__: alias for alias, cls in QUANTIZERS.items()}
+
+
+def get_quantizer(q: QuantizerLike) -> nn.Module:
+    """Resolve a quantizer given by alias, class name, module, function or ``None`` to a module.
+
+    * ``None`` and ``"identity"`` give :class:`Identity` (full precision).
+    * A string is an alias of :data:`QUANTIZERS` (``"ste_sign"``; case, surrounding spaces and
+      ``-`` for ``_`` do not matter) or a class name (``"SteSign"``); anything else raises
+      ``ValueError`` listing the valid aliases.
+    * A module is returned as it is (not copied).
+    * One of this module's functions, or a ``functools.partial`` of one with keyword arguments
+      only (``partial(ste_sign, clip_value=0.5)``), gives the matching module with those
+      arguments.
+    * Any other callable is wrapped in a module; it counts as full precision (32 bits) in
+      summaries unless it has an integer ``precision`` attribute (bits per output element).
+      Lambdas cannot be pickled; prefer a module or a named function.
     """
     if q is None:
         return Identity()
     if isinstance(q, str):
-        key = q.strip().lower()
+        key = _normalise_alias(q)
         if key not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer {q!r}; valid aliases: {', '.join(sorted(QUANTIZERS))}")
+            raise ValueError(
+                f"unknown quantizer {q!r}; valid aliases: {', '.join(sorted(QUANTIZERS))} (or None for full precision)"
+            )
         return QUANTIZERS[key]()
     if isinstance(q, nn.Module):
         return q
-    if q in _FUNCTIONS:
-        return QUANTIZERS[_FUNCTIONS[q]]()
+    if isinstance(q, functools.partial) and not q.args and _known_function(q.func):
+        return QUANTIZERS[_FUNCTIONS[q.func]](**q.keywords)
+    if _known_function(q):
+        return QUANTIZERS[_FUNCTIONS[q]]()  # type: ignore[index]
     if callable(q):
         return _CallableQuantizer(q)
-    raise TypeError(f"a quantizer must be an alias string, an nn.Module, a callable or None, got {type(q).__name__}")
+    raise TypeError(
+        f"a quantizer must be an alias string, an nn.Module, a callable or None, got {type(q).__name__}"
+    )
+
+
+def _known_function(fn: object) -> bool:
+    try:
+        return fn in _FUNCTIONS
+    except TypeError:  # unhashable callable object
+        return False
 
 
 def quantizer_name(q: nn.Module) -> str:
-    """The alias of a quantizer module (``"identity"`` for full precision, ``"custom"`` else)."""
+    """The alias of a quantizer module: ``"ste_sign"``, ..., ``"identity"``, ``"custom"`` for a
+    wrapped function, the class name for any other module."""
     return getattr(q, "alias", "") or type(q).__name__
 
 
 def is_binary_quantizer(q: nn.Module) -> bool:
-    """True where the quantizer produces 1-bit values (anything but identity)."""
+    """True where the quantizer's output is 1-bit: its ``precision`` attribute is 1.
+
+    Every sign quantizer here is 1-bit; :class:`Identity`, wrapped functions without a
+    ``precision`` attribute and modules that are not :class:`Quantizer` count as 32-bit.
+    """
     return getattr(q, "precision", 32) == 1
