@@ -1,0 +1,273 @@
+r"""Shared machinery of the flip optimizers: :class:`FlipOptimizer`.
+
+A *flip optimizer* trains binary weights :math:`w \in \{-1, +1\}` directly: it keeps one or
+more real-valued moving averages of the gradient per weight and, at every step, negates the
+weights whose flip rule fires. The weights never leave :math:`\{-1, +1\}`.
+
+This module provides what :class:`~flipnet.optim.Bop`, :class:`~flipnet.optim.Bop2ndOrder` and
+:class:`~flipnet.optim.CEMA` have in common:
+
+* binarisation of the parameters at construction (``sign``, with ``sign(0) = +1``);
+* validation of per-group hyperparameters, which may be Python numbers or 0-d tensors;
+* on-device ``int64`` flip counters per tensor (:meth:`FlipOptimizer.flip_counts`), updated
+  without a host synchronisation, so a step can be captured in a CUDA graph;
+* the step loop: the subclass updates its moving averages of a whole group at once
+  (``torch._foreach_*`` kernels, in place) and writes each tensor's flip score into a reused
+  scratch buffer; the base class thresholds the score, counts and applies the flips. Once the
+  scratch buffers exist, a step allocates no parameter-sized temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..quantizers import sign
+
+__all__ = ["FlipOptimizer", "Hyperparameter", "HyperparamRange"]
+
+#: A hyperparameter value: a Python number or a 0-d floating-point tensor.
+Hyperparameter = Union[float, Tensor]
+
+
+@dataclass(frozen=True)
+class HyperparamRange:
+    """Valid interval of one hyperparameter: ``low <(=) value <(=) high``."""
+
+    low: float
+    high: float = math.inf
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def contains(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        above = value >= self.low if self.low_inclusive else value > self.low
+        below = value <= self.high if self.high_inclusive else value < self.high
+        return above and below
+
+    def describe(self) -> str:
+        left = "[" if self.low_inclusive else "("
+        right = "]" if self.high_inclusive and math.isfinite(self.high) else ")"
+        high = "inf" if math.isinf(self.high) else f"{self.high:g}"
+        return f"{left}{self.low:g}, {high}{right}"
+
+
+def _scalar_value(name: str, value: Any) -> float:
+    """Read a hyperparameter for validation (construction time only, never in ``step``)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or a 0-d tensor, got a bool")
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(
+                f"{name} must be a Python number or a 0-d floating-point tensor, "
+                f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        return float(value.detach().cpu())
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise TypeError(f"{name} must be a Python number or a 0-d floating-point tensor, got {type(value).__name__}")
+
+
+class FlipOptimizer(Optimizer):
+    r"""Base class of optimizers that train ±1 weights by flipping their signs.
+
+    Subclasses declare their hyperparameters in :attr:`hyperparameters` (name → valid range)
+    and implement ``_init_state`` (zero buffers), ``_update_moments`` (the moving averages of
+    one group, vectorised) and ``_score`` (the per-weight score; a weight flips where
+    ``score > threshold``). The base class negates the flipped weights and counts them.
+
+    Memory: the state of the subclass plus one scratch buffer per (device, dtype) of the
+    largest parameter's size and one ``bool`` buffer of the same length.
+
+    Flip statistics
+    ---------------
+    :meth:`flip_counts` returns, per parameter, an ``int64`` tensor on the parameter's device
+    holding the number of sign flips since the last :meth:`reset_flip_counts`;
+    :attr:`num_steps` counts the calls of :meth:`step` over the same period. The counters are
+    updated with tensor operations only (no ``.item()``), so :meth:`step` never waits for the
+    device. They are not part of :meth:`state_dict`: they describe the current logging period,
+    not the optimizer's trajectory. ``count_flips=False`` switches the counting off.
+
+    Hyperparameters may be Python numbers or 0-d floating-point tensors (put such a tensor on
+    the parameters' device if the step is to be captured in a CUDA graph, and update it in
+    place; :class:`flipnet.optim.schedules.HyperparamScheduler` does so).
+    """
+
+    #: Hyperparameter name → valid range; checked for every parameter group at construction.
+    hyperparameters: Mapping[str, HyperparamRange] = {}
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, count_flips: bool = True) -> None:
+        self.count_flips = bool(count_flips)
+        self._flip_counts: dict[Tensor, Tensor] = {}
+        self._num_steps = 0
+        self._scratch_buffers: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def _validate_group(self, group: Mapping[str, Any]) -> None:
+        for name, valid in self.hyperparameters.items():
+            if name not in group:
+                raise ValueError(f"{type(self).__name__}: parameter group is missing hyperparameter {name!r}")
+            value = _scalar_value(name, group[name])
+            if not valid.contains(value):
+                raise ValueError(
+                    f"{type(self).__name__}: {name} must be in {valid.describe()}, got {value!r}"
+                )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group; its hyperparameters are validated and its tensors binarised.
+
+        Raises:
+            ValueError: a hyperparameter is out of range, or a parameter is already in another
+                group (the message names the group and the shape).
+            TypeError: a parameter is not a floating-point tensor.
+        """
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._validate_group(merged)
+        taken = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        seen: set[Tensor] = set()
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{type(self).__name__} optimizes tensors, got {type(p).__name__}")
+            if not p.is_floating_point():
+                raise TypeError(f"{type(self).__name__} needs floating-point parameters, got dtype {p.dtype}")
+            if p in taken or p in seen:
+                where = f"group {taken[p]}" if p in taken else "this same group"
+                raise ValueError(
+                    f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} is already in {where}; "
+                    "give every parameter to exactly one parameter group"
+                )
+            seen.add(p)
+        param_group = {**param_group, "params": params}
+        super().add_param_group(param_group)
+        with torch.no_grad():
+            for p in params:
+                p.copy_(sign(p))
+
+    # ------------------------------------------------------------------ stepping
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        """Create the state of ``p`` (buffers start at zero); subclasses override."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _init_state")
+
+    def _update_moments(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        """Update the moving averages of one group in place (vectorised); subclasses override."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _update_moments")
+
+    def _score(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], out: Tensor) -> Tensor:
+        """Write the flip score of ``p`` into ``out`` and return it; ``p`` flips where score > threshold."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _score")
+
+    def _threshold(self, group: dict[str, Any]) -> Hyperparameter:
+        """The flip threshold of a group (``group["threshold"]`` unless overridden)."""
+        return group["threshold"]
+
+    def _scratch(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """Scratch views shaped like ``p``: one of ``p``'s dtype and one bool.
+
+        One pair of flat buffers per (device, dtype), as large as the largest parameter, is
+        reused by every tensor and every step: a fresh allocation per step costs more than the
+        arithmetic on CPU (page faults) and would break CUDA-graph capture.
+        """
+        key = (p.device, p.dtype)
+        bufs = self._scratch_buffers.get(key)
+        n = p.numel()
+        if bufs is None or bufs[0].numel() < n:
+            size = max(n, max((q.numel() for g in self.param_groups for q in g["params"]
+                               if q.device == p.device and q.dtype == p.dtype), default=n))
+            bufs = (torch.empty(size, dtype=p.dtype, device=p.device),
+                    torch.empty(size, dtype=torch.bool, device=p.device))
+            self._scratch_buffers[key] = bufs
+        if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+            # same strides as the parameter, so element-wise kernels see matching layouts
+            return bufs[0].as_strided(p.shape, p.stride()), bufs[1].as_strided(p.shape, p.stride())
+        return bufs[0][:n].view(p.shape), bufs[1][:n].view(p.shape)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Update the moving averages and flip the weights whose rule fires.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The loss returned by ``closure``, else ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            states: list[dict[str, Any]] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                params.append(p)
+                grads.append(p.grad)
+                states.append(state)
+            if not params:
+                continue
+            self._update_moments(group, params, grads, states)
+            threshold = self._threshold(group)
+            for p, state in zip(params, states):
+                buf, mask = self._scratch(p)
+                score = self._score(group, p, state, buf)
+                torch.gt(score, threshold, out=mask)
+                if self.count_flips:
+                    counter = self._flip_counts.get(p)
+                    if counter is None:
+                        counter = self._flip_counts[p] = torch.zeros((), dtype=torch.int64, device=p.device)
+                    counter.add_(torch.count_nonzero(mask))
+                # w ∈ {−1, +1}: negating the masked entries keeps it there.
+                torch.neg(p, out=score)
+                torch.where(mask, score, p, out=p)
+        self._num_steps += 1
+        return loss
+
+    # ------------------------------------------------------------------ statistics
+    def flip_counts(self) -> dict[Tensor, Tensor]:
+        """Flips per parameter since the last :meth:`reset_flip_counts` (0-d ``int64``, on device).
+
+        Every parameter of every group is present (0 where it never had a gradient). The
+        tensors are copies; reading them (``.item()``, ``.tolist()``) is what synchronises.
+        """
+        out: dict[Tensor, Tensor] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                c = self._flip_counts.get(p)
+                out[p] = c.clone() if c is not None else torch.zeros((), dtype=torch.int64, device=p.device)
+        return out
+
+    @property
+    def num_steps(self) -> int:
+        """Number of :meth:`step` calls since the last :meth:`reset_flip_counts`."""
+        return self._num_steps
+
+    def reset_flip_counts(self) -> None:
+        """Zero the flip counters and :attr:`num_steps` (in place: no new allocations)."""
+        for c in self._flip_counts.values():
+            c.zero_()
+        self._num_steps = 0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("count_flips", True)
+        self.__dict__.setdefault("_flip_counts", {})
+        self.__dict__.setdefault("_num_steps", 0)
+        self.__dict__.setdefault("_scratch_buffers", {})

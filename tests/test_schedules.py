@@ -1,0 +1,203 @@
+"""Tests of flipnet.optim.schedules: schedule values, HyperparamScheduler, recipe parsing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from flipnet.errors import ConfigError
+from flipnet.layers import BinaryLinear
+from flipnet.optim import (
+    CEMA,
+    Bop,
+    Constant,
+    Cosine,
+    Exponential,
+    HyperparamScheduler,
+    Lambda,
+    Linear,
+    StepDecay,
+    create_optimizer,
+    schedule_from_dict,
+    scheduler_from_dict,
+)
+
+positive = st.floats(1e-9, 10.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(start=positive, end=st.floats(0.0, 10.0), duration=st.integers(1, 1000), t=st.integers(0, 2000))
+def test_linear_and_cosine_hit_their_ends_and_stay_between(start, end, duration, t):
+    for sched in (Linear(start, end, duration), Cosine(start, end, duration)):
+        assert sched(0) == pytest.approx(start)
+        assert sched(duration) == end and sched(duration + 7) == end
+        lo, hi = min(start, end), max(start, end)
+        assert lo - 1e-12 <= sched(t) <= hi + 1e-12
+    assert Linear(start, end, duration)(duration // 2) == pytest.approx(start + (end - start) * (duration // 2) / duration)
+    if duration % 2 == 0:
+        assert Cosine(start, end, duration)(duration // 2) == pytest.approx((start + end) / 2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(initial=positive, factor=st.floats(0.01, 2.0), every=st.integers(1, 50), k=st.integers(0, 5), r=st.integers(0, 49))
+def test_step_decay_and_exponential(initial, factor, every, k, r):
+    r = r % every
+    assert StepDecay(initial, factor, every)(k * every + r) == pytest.approx(initial * factor**k)
+    assert Exponential(initial, factor, every)(k * every) == pytest.approx(initial * factor**k)
+    if r:
+        between = Exponential(initial, factor, every)(k * every + r)
+        assert min(initial * factor**k, initial * factor ** (k + 1)) <= between * (1 + 1e-12)
+
+
+def test_constant_and_lambda():
+    assert Constant(0.3)(0) == Constant(0.3)(10**6) == 0.3
+    assert Lambda(lambda t: 1.0 / (t + 1))(3) == 0.25
+    with pytest.raises(TypeError, match="callable"):
+        Lambda(3.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: StepDecay(1.0, 0.0, 10), "factor must be > 0"),
+        (lambda: StepDecay(1.0, 0.1, 0), "every must be a positive integer"),
+        (lambda: Linear(1.0, 0.0, 2.5), "duration must be a positive integer"),
+        (lambda: Cosine(float("nan")), "start must be finite"),
+        (lambda: Exponential(1.0, -0.5), "factor must be > 0"),
+        (lambda: Constant("a"), "value must be a number"),
+    ],
+)
+def test_bad_schedule_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def routed():
+    torch.manual_seed(0)
+    model = nn.Sequential(BinaryLinear(4, 8), nn.BatchNorm1d(8), BinaryLinear(8, 2))
+    return model, create_optimizer(model, "bop", {"gamma": 1e-3, "threshold": 1e-6}, "adam", {"lr": 1e-2})
+
+
+def test_scheduler_writes_values_per_route_and_key():
+    _, opt = routed()
+    gamma = HyperparamScheduler(opt, "gamma", StepDecay(1e-3, 0.1, 2), route="binary")
+    lr = HyperparamScheduler(opt, "lr", Linear(1e-2, 0.0, 4), route="real")
+    seen = []
+    for _ in range(5):
+        seen.append((opt.param_groups[0]["gamma"], opt.param_groups[1]["lr"]))
+        gamma.step()
+        lr.step()
+    assert [g for g, _ in seen] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
+    assert [v for _, v in seen] == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3, 0.0])
+    assert opt.param_groups[0]["lr"] == 0.0  # the binary route's placeholder lr is untouched
+
+
+def test_scheduler_without_route_targets_groups_that_have_the_key():
+    _, opt = routed()
+    HyperparamScheduler(opt, "threshold", Constant(0.5))
+    assert opt.param_groups[0]["threshold"] == 0.5 and "threshold" not in opt.param_groups[1]
+
+
+def test_tensor_values_are_updated_in_place():
+    w = nn.Parameter(torch.ones(3))
+    gamma = torch.tensor(0.5)
+    opt = Bop([w], gamma=gamma)
+    sched = HyperparamScheduler(opt, "gamma", Exponential(0.5, 0.5))
+    sched.step()
+    assert opt.param_groups[0]["gamma"] is gamma
+    assert float(gamma) == 0.25
+
+
+def test_scheduler_errors_name_what_exists():
+    _, opt = routed()
+    with pytest.raises(ValueError, match=r"no parameter group on route 'latent'; routes present: \['binary', 'real'\]"):
+        HyperparamScheduler(opt, "gamma", Constant(1.0), route="latent")
+    with pytest.raises(ValueError, match=r"groups of route 'real' have no key 'gamma'; their keys: .*lr"):
+        HyperparamScheduler(opt, "gamma", Constant(1.0), route="real")
+    with pytest.raises(ValueError, match=r"no parameter group has key 'alpha'; keys present: .*gamma"):
+        HyperparamScheduler(opt, "alpha", Constant(1.0))
+    with pytest.raises(ValueError, match="unit must be one of"):
+        HyperparamScheduler(opt, "gamma", Constant(1.0), unit="batch")
+
+
+def test_scheduler_state_dict_resumes():
+    _, opt = routed()
+    a = HyperparamScheduler(opt, "gamma", StepDecay(1e-3, 0.5, 1), unit="epoch", route="binary")
+    for _ in range(3):
+        a.step()
+    state = a.state_dict()
+    assert state == {"key": "gamma", "route": "binary", "unit": "epoch", "t": 3}
+    _, opt2 = routed()
+    b = HyperparamScheduler(opt2, "gamma", StepDecay(1e-3, 0.5, 1), unit="epoch", route="binary")
+    b.load_state_dict(state)
+    assert opt2.param_groups[0]["gamma"] == pytest.approx(1.25e-4)
+    b.step()
+    a.step()
+    assert opt2.param_groups[0]["gamma"] == opt.param_groups[0]["gamma"]
+    with pytest.raises(ValueError, match="scheduler state is for key='gamma'"):
+        HyperparamScheduler(opt2, "lr", Constant(1.0), unit="epoch", route="real").load_state_dict(state)
+
+
+def test_scheduler_survives_optimizer_load_state_dict():
+    _, opt = routed()
+    sched = HyperparamScheduler(opt, "gamma", Linear(1e-3, 0.0, 10), route="binary")
+    opt.load_state_dict(opt.state_dict())  # replaces the group dicts
+    sched.step()
+    assert opt.param_groups[0]["gamma"] == pytest.approx(9e-4)
+
+
+# ------------------------------------------------------------------ recipes
+def test_schedule_from_dict_examples():
+    step = schedule_from_dict({"type": "step", "factor": 0.1, "every": 100}, initial=1e-3, duration=500)
+    assert step(99) == pytest.approx(1e-3) and step(100) == pytest.approx(1e-4)
+    lin = schedule_from_dict({"type": "linear", "start": 1e-5, "end": 1e-8}, initial=1.0, duration=10)
+    assert lin(0) == 1e-5 and lin(10) == 1e-8
+    to_zero = schedule_from_dict({"type": "linear", "end": 0.0}, initial=0.2, duration=4)
+    assert [to_zero(t) for t in range(5)] == pytest.approx([0.2, 0.15, 0.1, 0.05, 0.0])
+    cos = schedule_from_dict({"type": "cosine"}, initial=2.0, duration=2)
+    assert [cos(t) for t in range(3)] == pytest.approx([2.0, 1.0, 0.0])
+    assert schedule_from_dict({"type": "constant"}, initial=0.7, duration=3)(2) == 0.7
+    exp = schedule_from_dict({"type": "exponential", "factor": 0.5, "every": 2}, initial=1.0, duration=3)
+    assert exp(2) == 0.5 and math.isclose(exp(1), 0.5**0.5)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"factor": 0.1}, r"unknown schedule type None; valid types: constant, step, linear, cosine, exponential"),
+        ({"type": "poly"}, "unknown schedule type 'poly'"),
+        ({"type": "step", "factor": 0.1, "every": 10, "evry": 3}, r"unknown key\(s\) 'evry' for schedule type 'step'; valid keys: factor, every"),
+        ({"type": "step", "factor": 0.1}, r"schedule type 'step' needs key\(s\) 'every'"),
+        ({"type": "linear", "end": "zero"}, "end must be a number"),
+        ("linear", "must be a mapping"),
+    ],
+)
+def test_schedule_from_dict_errors(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        schedule_from_dict(spec, initial=1.0, duration=10)
+
+
+def test_scheduler_from_recipe_entry():
+    _, opt = routed()
+    entry = {"key": "gamma", "route": "binary", "type": "step", "factor": 0.1, "every": 2, "unit": "epoch"}
+    sched = scheduler_from_dict(opt, entry, epochs=10, steps_per_epoch=100)
+    assert sched.unit == "epoch" and sched.route == "binary"
+    for _ in range(2):
+        sched.step()
+    assert opt.param_groups[0]["gamma"] == pytest.approx(1e-4)
+    # a linear decay to 0 over the whole run, in steps (CEMA's α in the paper)
+    w = nn.Parameter(torch.ones(3))
+    cema = CEMA([w], alpha=1e-3, gamma=0.1)
+    sched = scheduler_from_dict(cema, {"key": "alpha", "type": "linear", "end": 0.0}, epochs=2, steps_per_epoch=5)
+    assert sched.schedule(0) == 1e-3 and sched.schedule(10) == 0.0 and sched.schedule(5) == pytest.approx(5e-4)
+    with pytest.raises(ConfigError, match="needs a 'key'"):
+        scheduler_from_dict(opt, {"type": "constant"}, epochs=1, steps_per_epoch=1)
+    with pytest.raises(ConfigError, match="no parameter group has key 'sigma'"):
+        scheduler_from_dict(opt, {"key": "sigma", "type": "constant"}, epochs=1, steps_per_epoch=1)
+    with pytest.raises(ConfigError, match="unit must be one of"):
+        scheduler_from_dict(opt, {"key": "gamma", "type": "constant", "unit": "batch"}, epochs=1, steps_per_epoch=1)
