@@ -1,0 +1,267 @@
+"""Checkpoints: resume ends bitwise equal to an uninterrupted run; corrupt files; RNG round trip."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from flipnet.errors import CheckpointError
+from flipnet.train import Callback, Trainer, load_checkpoint, load_config, load_run, save_checkpoint
+from flipnet.train.checkpoint import get_rng_state, resolve_checkpoint, set_rng_state
+from flipnet.train.plots import read_metrics
+
+torch.set_num_threads(1)
+
+# Dropout (global torch RNG), augmentation (loader RNG), per-step and per-epoch schedules: every
+# source of state that a resume must restore.
+RESUME_OVERRIDES = [
+    "data.subset=192",
+    "data.test_subset=64",
+    "data.augment=true",
+    "model.kwargs={hidden_sizes: [32], dropout: 0.2}",
+    "optim.schedules=[{key: lr, route: real, type: cosine, unit: step}, "
+    "{key: gamma, route: binary, type: step, factor: 0.5, every: 1, unit: epoch}]",
+    "train.epochs=3",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.plots=false",
+    "train.nan_check_every=4",
+]
+
+
+def _config(tmp_path: Path, name: str, *extra: str) -> Any:
+    return load_config("digits_bop", [*RESUME_OVERRIDES, f"output.dir={tmp_path}", f"output.name={name}", *extra])
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Bitwise equality of nested state (tensors with torch.equal, dtype and shape included)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"tensors differ at {where}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"keys differ at {where}: {set(a) ^ set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+class SigintAfterEpoch(Callback):
+    """Sends a real SIGINT at the end of epoch ``n`` (the trainer stops after saving that epoch)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        if trainer.epoch == self.n:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class InterruptAtStep(Callback):
+    """Raises KeyboardInterrupt after optimizer step ``n`` (mid-epoch)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.step == self.n:
+            raise KeyboardInterrupt
+
+
+def _rows_without_time(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in read_metrics(run)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("resume")
+    trainer = Trainer(_config(root, "straight"))
+    trainer.fit()
+    return trainer.run_dir, trainer.state_dict()
+
+
+def _check_equal_to_uninterrupted(
+    resumed: Trainer, uninterrupted: tuple[Path, dict], partial_epoch: int | None = None
+) -> None:
+    """``partial_epoch``: the epoch interrupted mid-way, whose flip ratio covers only the steps
+    after the resume (flip counters are not part of the checkpoint); everything else is equal."""
+    run, state = uninterrupted
+    final = resumed.state_dict()
+    assert_same(final["model"], state["model"], "model")
+    assert_same(final["optimizer"], state["optimizer"], "optimizer")
+    assert_same(final["schedulers"], state["schedulers"], "schedulers")
+    assert (final["epoch"], final["step"], final["best"]) == (state["epoch"], state["step"], state["best"])
+    assert_same(final["rng"], state["rng"], "rng")
+    got, want = _rows_without_time(resumed.run_dir), _rows_without_time(run)
+    if partial_epoch is not None:
+        for rows in (got, want):
+            row = rows[partial_epoch - 1]
+            for key in [k for k in row if k.startswith("flip_ratio")]:
+                del row[key]
+    assert got == want
+    assert_same(load_checkpoint(resumed.run_dir / "checkpoints" / "best.pt")["model"],
+                load_checkpoint(run / "checkpoints" / "best.pt")["model"], "best.pt")
+
+
+def test_resume_after_ctrl_c_at_epoch_end_is_bitwise_equal(
+    tmp_path: Path, uninterrupted: tuple[Path, dict], capsys: pytest.CaptureFixture
+) -> None:
+    config = _config(tmp_path, "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, [SigintAfterEpoch(1)]).fit()
+    out = capsys.readouterr()
+    run = tmp_path / "interrupted"
+    assert f"flipnet train --resume {run}" in out.out
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (1, 0)
+    assert len(read_metrics(run)) == 1
+
+    resumed = Trainer(load_config(run / "config.yaml"), resume=run)
+    assert (resumed.epoch, resumed.step) == (1, saved["step"])
+    resumed.fit()
+    _check_equal_to_uninterrupted(resumed, uninterrupted)
+
+
+def test_resume_after_interrupt_mid_epoch_is_bitwise_equal(tmp_path: Path, uninterrupted: tuple[Path, dict]) -> None:
+    run = tmp_path / "mid"
+    first = Trainer(_config(tmp_path, "mid"), [InterruptAtStep(9)])  # 6 steps per epoch: epoch 2, batch 3
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["batch_in_epoch"]) == (1, 9, 3)
+    assert "partial" in saved
+
+    resumed = Trainer(load_config(run / "config.yaml"), resume=run / "checkpoints" / "last.pt")
+    assert resumed.run_dir == run
+    resumed.fit()
+    _check_equal_to_uninterrupted(resumed, uninterrupted, partial_epoch=2)
+
+
+def test_resume_of_a_finished_run_does_nothing(uninterrupted: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:
+    run, state = uninterrupted
+    trainer = Trainer(load_config(run / "config.yaml"), resume=run)
+    rows = read_metrics(run)
+    assert trainer.fit() == rows[-1]
+    assert "nothing to do" in capsys.readouterr().out
+    assert_same(trainer.state_dict()["model"], state["model"])
+
+
+def test_checkpoint_format_and_safe_load(uninterrupted: tuple[Path, dict]) -> None:
+    run, _ = uninterrupted
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)  # plain data only
+    assert ckpt["format"] == "flipnet-checkpoint" and ckpt["version"] == 1
+    for key in ("model", "optimizer", "schedulers", "epoch", "step", "rng", "config", "best", "meta"):
+        assert key in ckpt
+    assert ckpt["meta"]["num_classes"] == 10 and ckpt["meta"]["input_shape"] == [1, 8, 8]
+    assert ckpt["config"]["name"] == "digits_bop"
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["best"] == max(r["test_acc"] for r in read_metrics(run))
+
+
+def test_load_run_rebuilds_the_model(uninterrupted: tuple[Path, dict]) -> None:
+    run, state = uninterrupted
+    config, model = load_run(run, "last")
+    assert config.name == "digits_bop" and not model.training
+    assert_same(model.state_dict(), state["model"])
+    config_best, model_best = load_run(run / "checkpoints" / "best.pt")
+    assert config_best == config
+    assert_same(model_best.state_dict(), load_checkpoint(run / "checkpoints" / "best.pt")["model"])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate", "garbage", "empty", "not_a_dict", "other_format", "future_version", "pickled_object", "missing_keys"],
+)
+def test_corrupt_checkpoints_raise_checkpoint_error(tmp_path: Path, damage: str, uninterrupted: tuple[Path, dict]) -> None:
+    run, _ = uninterrupted
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    path = tmp_path / "bad.pt"
+    if damage == "truncate":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "not_a_dict":
+        torch.save([1, 2, 3], path)
+    elif damage == "other_format":
+        torch.save({"model": {}}, path)
+    elif damage == "future_version":
+        torch.save({"format": "flipnet-checkpoint", "version": 99, "model": {}, "epoch": 0, "step": 0}, path)
+    elif damage == "pickled_object":
+        torch.save({"format": "flipnet-checkpoint", "version": 1, "model": {}, "epoch": 0, "step": 0,
+                    "evil": Path("x")}, path)
+    else:
+        torch.save({"format": "flipnet-checkpoint", "version": 1}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_resume_from_a_corrupt_last_checkpoint_fails_clearly(tmp_path: Path, uninterrupted: tuple[Path, dict]) -> None:
+    run, _ = uninterrupted
+    copy = tmp_path / "copy"
+    (copy / "checkpoints").mkdir(parents=True)
+    (copy / "config.yaml").write_bytes((run / "config.yaml").read_bytes())
+    (copy / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Trainer(load_config(copy / "config.yaml"), resume=copy)
+
+
+def test_missing_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="neither a run folder nor a checkpoint"):
+        resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no checkpoints/last.pt"):
+        resolve_checkpoint(tmp_path, "last")
+    with pytest.raises(CheckpointError, match="'best' or 'last'"):
+        resolve_checkpoint(tmp_path, "middle")
+
+
+def test_best_falls_back_to_last(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"model": {}, "epoch": 0, "step": 0})
+    assert resolve_checkpoint(tmp_path, "best") == tmp_path / "checkpoints" / "last.pt"
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1, "step": 2})
+    save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "epoch": 2, "step": 4})
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    assert load_checkpoint(path)["epoch"] == 2
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    np.random.seed(4)
+    random.seed(5)
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
+    save_checkpoint(tmp_path / "r.pt", {"model": {}, "epoch": 0, "step": 0, "rng": get_rng_state()})
+    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)], random.gauss(0, 1))
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    got = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)], random.gauss(0, 1))
+    assert torch.equal(expected[0], got[0])
+    assert np.array_equal(expected[1], got[1])
+    assert expected[2:] == got[2:]
+
+
+def test_malformed_rng_state_is_a_checkpoint_error() -> None:
+    with pytest.raises(CheckpointError, match="RNG state is malformed"):
+        set_rng_state({"torch": torch.zeros(3, dtype=torch.uint8)})

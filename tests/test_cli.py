@@ -1,0 +1,156 @@
+"""The ``flipnet`` command end to end on tiny runs: train, resume, eval, plot, recipes, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flipnet.cli import build_parser, main
+from flipnet.train import load_checkpoint
+from flipnet.train.plots import read_metrics
+
+torch.set_num_threads(1)
+
+TINY = [
+    "data.subset=200",
+    "data.test_subset=100",
+    "model.kwargs.hidden_sizes=[32]",
+    "train.epochs=1",
+    "train.tensorboard=false",
+    "train.plots=false",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def test_help_lists_the_training_commands() -> None:
+    parser = build_parser()
+    text = parser.format_help()
+    for command in ("train", "eval", "recipes", "plot"):
+        assert command in text
+
+
+def test_recipes_lists_every_shipped_recipe(capsys: pytest.CaptureFixture) -> None:
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in out]
+    assert names == sorted(names)
+    assert {"digits_bop", "digits_adam", "cifar10_binarynet_smoke"} <= set(names)
+    assert any(line.startswith("digits_bop") and line.endswith("(default)") for line in out)
+
+
+def test_train_resume_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "digits_bop", *TINY, "output.name=cli", "--out", str(tmp_path)]) == 0
+    run = tmp_path / "cli"
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "done: 1 epochs" in out
+    assert read_metrics(run)[-1]["epoch"] == 1
+
+    # extend the finished run by one epoch
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    capsys.readouterr()
+
+    assert main(["eval", str(run), "--checkpoint", "last"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("test accuracy ") and "100 examples" in line and "last.pt, epoch 2" in line
+    acc = float(line.split()[2])
+    assert acc == pytest.approx(read_metrics(run)[-1]["test_acc"], abs=1e-12)
+
+    assert main(["eval", str(run), "--data.root", str(tmp_path), "--batch-size", "7"]) == 0
+    assert "best.pt" in capsys.readouterr().out
+
+    assert main(["plot", str(run), "--out", str(tmp_path / "pl")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert {Path(p).name for p in printed} == {"loss.png", "accuracy.png", "flip_ratio.png"}
+    assert all(Path(p).is_file() for p in printed)
+
+
+@pytest.mark.parametrize(
+    ("argv", "piece"),
+    [
+        (["train", "digits_bop", "optim.binray=bop"], "did you mean 'optim.binary'"),
+        (["train", "no_such_recipe"], "no recipe file or shipped recipe"),
+        (["train", "digits_bop", "train.epochs"], "expected key.sub=value"),
+        (["train", "digits_bop", "--resume", "x"], "either a recipe or --resume"),
+        (["eval", "/nonexistent/run"], "neither a run folder nor a checkpoint"),
+        (["plot", "/nonexistent/run"], "no metrics.jsonl"),
+        (["eval", ".", "--batch-size", "0"], "--batch-size must be positive"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(argv: list[str], piece: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert piece in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"flipnet {argv[0]}: error: ")
+
+
+def test_eval_of_a_corrupt_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"\x00" * 100)
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_resume_without_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_several_seeds_dispatch_to_train_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", *TINY, "seeds=0,1", "output.name=multi", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: test accuracy" in out and "seed 1: test accuracy" in out
+    assert (tmp_path / "multi" / "summary.json").is_file()
+
+
+def test_a_single_seed_in_seeds_is_the_seed(tmp_path: Path) -> None:
+    assert main(["train", *TINY, "seeds=[3]", "output.name=one", "--out", str(tmp_path)]) == 0
+    assert load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["config"]["seed"] == 3
+
+
+def test_python_dash_m_flipnet_runs_the_default_recipe(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flipnet", "train", *TINY, "output.name=sub", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "training binary_mlp on digits" in proc.stdout  # digits_bop is the default recipe
+    assert "epoch 1/1 | train loss" in proc.stdout  # not a terminal: one plain line per epoch
+    assert (tmp_path / "sub" / "checkpoints" / "best.pt").is_file()
+
+
+def test_ctrl_c_in_a_subprocess_saves_and_says_how_to_resume(tmp_path: Path) -> None:
+    """A real SIGINT to `flipnet train`: exit status 130, last.pt saved, resume hint printed."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flipnet", "train", "data.subset=200", "model.kwargs.hidden_sizes=[32]",
+         "train.epochs=100000", "train.tensorboard=false", "train.plots=false", "output.name=int",
+         "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+    last = tmp_path / "int" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"flipnet train --resume {tmp_path / 'int'}" in out
+    assert "Traceback" not in err
+    saved = load_checkpoint(last)
+    assert saved["epoch"] >= 1 and saved["step"] == saved["epoch"] * 7 + saved["batch_in_epoch"]

@@ -1,0 +1,112 @@
+"""DDP on CPU (gloo) with 2 processes launched by torchrun: ranks stay in sync, metrics are global,
+only rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from flipnet.train.plots import read_metrics
+
+pytestmark = pytest.mark.distributed
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    from flipnet.train import Callback, Trainer, load_config
+
+    out = sys.argv[1]
+
+    class Dump(Callback):
+        def on_train_end(self, trainer):
+            ev = trainer.evaluate()  # collective: every rank calls it
+            torch.save({
+                "model": trainer.model.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "eval": ev,
+                "rank": trainer.dist.rank,
+                "world": trainer.dist.world_size,
+                "is_main": trainer.is_main,
+                "run_dir": str(trainer.run_dir),
+                "ddp": type(trainer.ddp_model).__name__,
+            }, os.path.join(out, f"rank{trainer.dist.rank}.pt"))
+
+    config = load_config("digits_bop", [
+        "data.subset=256", "data.test_subset=101", "data.augment=true",
+        "model.kwargs={hidden_sizes: [32], dropout: 0.1}", "train.epochs=2",
+        "train.tensorboard=false", "train.plots=false", "train.nan_check_every=3",
+        f"output.dir={out}/runs",
+    ])
+    Trainer(config, [Dump()]).fit()
+    """
+)
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=cwd)
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_two_ranks_stay_identical_and_only_rank0_writes(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT)
+    proc = _torchrun([str(script), str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
+    assert r0["is_main"] and not r1["is_main"]
+    assert r0["ddp"] == "DistributedDataParallel"
+    # The flip optimizer took the same flips on both ranks: identical ±1 weights, identical
+    # optimizer state (Bop's gradient averages), identical real parameters and BN statistics.
+    assert _same(r0["model"], r1["model"])
+    assert _same(r0["optimizer"], r1["optimizer"])
+    assert any(v.abs().eq(1).all() for k, v in r0["model"].items() if k.endswith("fc1.weight"))
+    # Metrics are global: every test sample counted exactly once, same numbers on both ranks.
+    assert r0["eval"] == r1["eval"] and r0["eval"]["n"] == 101
+
+    # Only rank 0 wrote: one run folder, both ranks agree on its name.
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and str(runs[0]) == r0["run_dir"] == r1["run_dir"]
+    rows = read_metrics(runs[0])
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [4, 8]  # 256 samples / 2 ranks / batch 32
+    assert rows[-1]["test_acc"] == pytest.approx(r0["eval"]["acc"])
+    # Training accuracy is over the global batch: a multiple of 1/256.
+    assert abs(rows[-1]["train_acc"] * 256 - round(rows[-1]["train_acc"] * 256)) < 1e-6
+    assert proc.stdout.count("epoch 2/2 |") == 1  # printed by rank 0 only
+
+
+@pytest.mark.slow
+def test_torchrun_dash_m_flipnet_train(tmp_path: Path) -> None:
+    proc = _torchrun(
+        ["-m", "flipnet", "train", "digits_bop", "data.subset=128", "data.test_subset=64",
+         "model.kwargs.hidden_sizes=[16]", "train.epochs=1", "train.tensorboard=false",
+         "train.plots=false", "output.name=ddp", "--out", str(tmp_path)],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on cpu x 2 processes" in proc.stdout
+    rows = read_metrics(tmp_path / "ddp")
+    assert len(rows) == 1 and rows[0]["step"] == 2
+    assert (tmp_path / "ddp" / "checkpoints" / "last.pt").is_file()

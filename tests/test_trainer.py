@@ -1,0 +1,291 @@
+"""The trainer on tiny digits runs: run folder, metrics, callbacks, NaN stop, init_from, frozen routes."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from flipnet.errors import ConfigError
+from flipnet.layers import binary_modules, binary_parameters, real_parameters
+from flipnet.train import Callback, Trainer, TrainingDiverged, load_checkpoint, load_config
+from flipnet.train.plots import read_metrics
+
+torch.set_num_threads(1)
+
+TINY = [
+    "data.subset=256",
+    "data.test_subset=128",
+    "model.kwargs.hidden_sizes=[32]",
+    "train.epochs=2",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.plots=false",
+]
+
+
+def tiny(tmp_path: Path, *extra: str, recipe: str = "digits_bop", name: str = "run") -> Any:
+    return load_config(recipe, [*TINY, f"output.dir={tmp_path}", f"output.name={name}", *extra])
+
+
+class Recorder(Callback):
+    """Records hook calls and adds a metric."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.steps = 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.calls.append("start")
+        self.initial = {k: v.clone() for k, v in trainer.model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.steps += 1
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        self.calls.append(f"epoch{trainer.epoch}")
+        metrics["custom_metric"] = trainer.epoch * 10
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.calls.append("end")
+
+
+def test_fit_writes_a_complete_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rec = Recorder()
+    trainer = Trainer(tiny(tmp_path, "train.plots=true", "train.epochs=3"), [rec])
+    last = trainer.fit()
+    run = tmp_path / "run"
+    assert trainer.run_dir == run and trainer.is_main and trainer.device.type == "cpu"
+    assert rec.calls == ["start", "epoch1", "epoch2", "epoch3", "end"]
+    assert rec.steps == trainer.step == 3 * 8
+    for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "plots/loss.png", "plots/accuracy.png", "plots/flip_ratio.png"):
+        assert (run / name).is_file(), name
+    assert load_config(run / "config.yaml") == trainer.config
+
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [8, 16, 24]
+    assert rows[-1] == last
+    for r in rows:
+        assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
+        assert r["train_loss"] > 0 and r["test_loss"] > 0 and r["time_s"] > 0
+        assert r["binary/gamma"] == 1e-3 and r["binary/threshold"] == 1e-6 and "real/lr" in r
+        assert "binary/lr" not in r  # Bop has no learning rate
+        assert 0.0 < r["flip_ratio"] < 1.0
+        assert {"flip_ratio/fc1", "flip_ratio/fc2"} <= set(r)
+        assert r["custom_metric"] == r["epoch"] * 10
+    assert rows[-1]["test_acc"] > 0.5  # well above chance (0.1) after 3 tiny epochs
+    assert rows[0]["real/lr"] > rows[-1]["real/lr"]  # the recipe's cosine schedule ran
+
+    with open(run / "metrics.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3
+    assert {"epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "flip_ratio", "time_s"} <= set(table[0])
+    assert not any(k.startswith("flip_ratio/") for k in table[0])
+    assert float(table[2]["test_acc"]) == rows[2]["test_acc"]
+
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["best"] == max(r["test_acc"] for r in rows)
+    out = capsys.readouterr().out
+    assert out.count("epoch ") >= 3 and "done: 3 epochs" in out and str(run) in out
+
+
+def test_eval_every_skips_evaluations_but_not_the_last(tmp_path: Path) -> None:
+    trainer = Trainer(tiny(tmp_path, "train.epochs=3", "train.eval_every=2"))
+    trainer.fit()
+    rows = read_metrics(trainer.run_dir)
+    assert [r["test_acc"] is None for r in rows] == [True, False, False]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    class PoisonInEpoch2(Callback):
+        def on_step_end(self, trainer: Trainer) -> None:
+            if trainer.epoch == 1 and trainer.batch_in_epoch == 3:
+                with torch.no_grad():
+                    for p in real_parameters(trainer.model):
+                        p.fill_(float("nan"))
+
+    config = tiny(tmp_path, "train.epochs=4", "train.nan_check_every=2", "train.plots=true")
+    trainer = Trainer(config, [PoisonInEpoch2()])
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "NaN/inf in epoch 2" in message and "between steps 11 and 12" in message
+    assert "last.pt" in message and "\n" not in message
+    run = tmp_path / "run"
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 1 and saved["step"] == 8
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if isinstance(v, torch.Tensor))
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    assert (run / "plots" / "loss.png").is_file()  # the good epochs are still plotted
+
+
+def test_nan_check_once_per_epoch(tmp_path: Path) -> None:
+    class PoisonAtStep5(Callback):
+        def on_step_end(self, trainer: Trainer) -> None:
+            if trainer.step == 5:
+                with torch.no_grad():
+                    real_parameters(trainer.model)[-1].fill_(float("inf"))  # the logits' BatchNorm shift
+
+    trainer = Trainer(tiny(tmp_path, "train.nan_check_every=0"), [PoisonAtStep5()])
+    with pytest.raises(TrainingDiverged, match=r"in epoch 1 \(by step 8\)"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_init_from_loads_weights_only(tmp_path: Path) -> None:
+    first = Trainer(tiny(tmp_path, "train.epochs=1", name="first"))
+    first.fit()
+    source = load_checkpoint(tmp_path / "first" / "checkpoints" / "best.pt")["model"]
+    rec = Recorder()
+    second = Trainer(tiny(tmp_path, "train.epochs=1", f"model.init_from={tmp_path / 'first'}", name="second"), [rec])
+    second.fit()
+    for k, v in source.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(rec.initial[k], v), k
+    # weights only: a fresh optimizer and step counter
+    assert second.step == 8
+    # a Bop run (flip-mode ±1 weights) initialises a latent-weight Adam run
+    rec_adam = Recorder()
+    adam = Trainer(tiny(tmp_path, "train.epochs=1", f"model.init_from={tmp_path / 'first'}", name="adam",
+                        recipe="digits_adam"), [rec_adam])
+    assert all(m.weight_mode == "latent" for _, m in binary_modules(adam.model))
+    adam.fit()
+    assert torch.equal(rec_adam.initial["fc1.weight"], source["fc1.weight"])
+    with pytest.raises(ConfigError, match="model.init_from"):
+        Trainer(tiny(tmp_path, f"model.init_from={tmp_path / 'missing'}", name="third"))
+    with pytest.raises(ConfigError, match="do not fit"):
+        Trainer(tiny(tmp_path, "model.kwargs.hidden_sizes=[16]", f"model.init_from={tmp_path / 'first'}", name="fourth"))
+
+
+def test_optim_binary_none_freezes_binary_weights(tmp_path: Path) -> None:
+    rec = Recorder()
+    trainer = Trainer(tiny(tmp_path, "optim.binary=none", "optim.binary_kwargs={}"), [rec])
+    trainer.fit()
+    names = {n for n, p in trainer.model.named_parameters() if any(p is b for b in binary_parameters(trainer.model))}
+    assert names
+    state = {k: v for k, v in trainer.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    for name in names:
+        assert torch.equal(state[name], rec.initial[name]), name
+    real_changed = [n for n in state if n not in names and n.endswith("bias") and not torch.equal(state[n], rec.initial[n])]
+    assert real_changed  # the real route still trains
+    assert "flip_ratio" not in read_metrics(trainer.run_dir)[-1]
+
+
+def test_latent_adam_recipe_trains(tmp_path: Path) -> None:
+    trainer = Trainer(tiny(tmp_path, recipe="digits_adam"))
+    last = trainer.fit()
+    assert last["binary/lr"] > 0 and last["real/lr"] > 0
+    assert 0.0 <= last["flip_ratio"] < 1.0  # sign changes of the latent weights
+    assert last["test_acc"] > 0.3
+
+
+def test_cifar_smoke_recipe_builds_and_steps_on_synthetic_images(tmp_path: Path) -> None:
+    config = load_config(
+        "cifar10_binarynet_smoke",
+        ["data.name=synthetic", "data.options={shape: [3, 32, 32], num_train: 100, num_test: 50}",
+         "train.epochs=1", "train.progress=false", "train.tensorboard=false", "train.plots=false",
+         f"output.dir={tmp_path}", "output.name=smoke"],
+    )
+    trainer = Trainer(config)
+    assert trainer.steps_per_epoch == 2
+    row = trainer.fit()
+    assert row["step"] == 2 and row["test_acc"] is not None
+
+
+def test_progress_bar_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    Trainer(tiny(tmp_path, "train.progress=true", "train.epochs=1")).fit()
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "/8 [" in err
+
+
+def test_tensorboard_events(tmp_path: Path) -> None:
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="tensorboard is not installed"):
+            Trainer(tiny(tmp_path, "train.tensorboard=true"))
+        return
+    trainer = Trainer(tiny(tmp_path, "train.tensorboard=auto", "train.epochs=1"))
+    trainer.fit()
+    assert list((trainer.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_track_signs(tmp_path: Path) -> None:
+    config = tiny(tmp_path, "train.track_signs=true", "train.epochs=1")
+    if importlib.util.find_spec("flipnet.analysis.flips") is None:
+        with pytest.raises(ConfigError, match="track_signs"):
+            Trainer(config)
+        return
+    trainer = Trainer(config)
+    assert any(type(cb).__name__ == "SignTracker" for cb in trainer.callbacks)
+    trainer.fit()
+    assert list((trainer.run_dir / "signs").glob("*.safetensors"))
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path: Path) -> None:
+    Trainer(tiny(tmp_path, "train.epochs=1")).fit()
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        Trainer(tiny(tmp_path, "train.epochs=1"))
+
+
+def test_unnamed_runs_get_unique_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flipnet.train.loop as loop
+
+    monkeypatch.setattr(loop.time, "strftime", lambda fmt: "20300101-120000")  # both in "the same second"
+    config = tiny(tmp_path, "output.name=null", "train.epochs=1")
+    a = Trainer(config)
+    a.fit()
+    b = Trainer(config)
+    b.fit()
+    assert a.run_dir == tmp_path / "digits_bop-20300101-120000"
+    assert b.run_dir == tmp_path / "digits_bop-20300101-120000-1"
+    assert len(read_metrics(a.run_dir)) == len(read_metrics(b.run_dir)) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "piece"),
+    [
+        ("optim.schedules=[{key: momentum, route: binary, type: cosine}]", "optim.schedules[0]"),
+        ("optim.schedules=[{key: gamma, type: wobble}]", "unknown schedule type"),
+        ("model.kwargs.num_classes=3", "set by the data set"),
+        ("model.kwargs.depth=3", "unknown option"),
+        ("model.name=nonexistent", "unknown model"),
+        ("data.name=imagenet-ish", "unknown data set"),
+        ("optim.binary=bopp", "unknown binary optimizer"),
+        ("train.device=cuda", "CUDA is not available"),
+    ],
+)
+def test_bad_recipes_fail_before_training(tmp_path: Path, override: str, piece: str) -> None:
+    if override == "train.device=cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ConfigError, match=piece.replace("[", r"\[").replace("]", r"\]")):
+        Trainer(tiny(tmp_path, override))
+
+
+def test_trainer_rejects_a_raw_dict(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="load_config"):
+        Trainer({"name": "x"})  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_recipe_reaches_90_percent(tmp_path: Path, seed: int) -> None:
+    trainer = Trainer(load_config(None, [f"seed={seed}", f"output.dir={tmp_path}", "train.progress=false"]))
+    last = trainer.fit()
+    assert last["test_acc"] >= 0.90
+    assert json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == trainer.config.train.epochs
+
+
+@pytest.mark.slow
+def test_cifar_smoke_recipe_on_real_cifar10(tmp_path: Path) -> None:
+    root = Path("/work/shared/data/cifar10")
+    if not root.is_dir():
+        pytest.skip("no CIFAR-10 offline folder here")
+    trainer = Trainer(load_config("cifar10_binarynet_smoke", [f"data.root={root}", f"output.dir={tmp_path}", "train.progress=false"]))
+    last = trainer.fit()
+    assert last["step"] == 200 and last["test_acc"] > 0.2
