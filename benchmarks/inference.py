@@ -1,0 +1,216 @@
+"""Latency of packed (XNOR-popcount) vs float32 PyTorch inference for BinaryNet, and model bytes.
+
+Measures, at each batch size:
+
+* every binary-input layer of BinaryNet (CIFAR-10, 32×32): ``PackedBinaryConv2d`` /
+  ``PackedBinaryLinear`` on ±1 inputs against ``F.conv2d`` / ``F.linear`` with float32 ±1 weights
+  on the same shapes (the packed time includes packing the float input and writing a float
+  output);
+* the whole network: the float model (flip-mode weights, eval mode) against the model returned by
+  ``load_exported`` (packed layers, folded thresholds; the real-input first layer stays float);
+* bytes: float32 parameters and BatchNorm statistics against the export file.
+
+Timings are interleaved (float, packed, float, packed, ...) in rounds so that load from other
+processes hits both alike; each round keeps the fastest of ``--reps`` calls and the table gives the
+median over rounds. Usage::
+
+    python benchmarks/inference.py                 # markdown table
+    python benchmarks/inference.py --json out.json # also write the numbers
+    python benchmarks/inference.py --threads 1 --batch-sizes 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flipnet.compress import export_model, kernel_backend, load_exported
+from flipnet.compress.packed import PackedBinaryConv2d, PackedBinaryLinear
+
+#: BinaryNet's binary-input layers (used when flipnet.models is not available):
+#: name, (in, out, spatial) for 3×3 "same" convs, (in, out) for dense layers.
+KNOWN_LAYERS: list[tuple[str, str, tuple[int, ...]]] = [
+    ("conv2", "conv", (128, 128, 30)),
+    ("conv3", "conv", (128, 256, 15)),
+    ("conv4", "conv", (256, 256, 15)),
+    ("conv5", "conv", (256, 512, 7)),
+    ("conv6", "conv", (512, 512, 7)),
+    ("fc7", "dense", (4608, 1024)),
+    ("fc8", "dense", (1024, 1024)),
+    ("fc9", "dense", (1024, 10)),
+]
+
+
+def _time(fn: Callable[[], Any], reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def compare(float_fn: Callable[[], Any], packed_fn: Callable[[], Any], rounds: int, reps: int) -> dict[str, float]:
+    """Interleaved timing; median over rounds of the per-round best, in milliseconds."""
+    with torch.inference_mode():
+        float_fn(), packed_fn(), float_fn(), packed_fn()  # warm up (kernel build, allocations)
+        tf, tp, ratios = [], [], []
+        for _ in range(rounds):
+            a = _time(float_fn, reps)
+            b = _time(packed_fn, reps)
+            tf.append(a)
+            tp.append(b)
+            ratios.append(a / b)
+    return {
+        "float_ms": statistics.median(tf) * 1e3,
+        "packed_ms": statistics.median(tp) * 1e3,
+        "speedup": statistics.median(ratios),
+    }
+
+
+def _signs(*shape: int) -> torch.Tensor:
+    return torch.randint(0, 2, shape).float() * 2 - 1
+
+
+def layer_shapes() -> list[tuple[str, str, tuple[int, ...]]]:
+    try:
+        from flipnet.layers import BinaryConv2d, BinaryLinear
+        from flipnet.models import create_model
+    except ImportError:
+        return KNOWN_LAYERS
+    model = create_model("binarynet", num_classes=10, in_channels=3, input_size=32)
+    out: list[tuple[str, str, tuple[int, ...]]] = []
+    x = torch.zeros(1, 3, 32, 32)
+    for name, m in model.named_children():
+        if isinstance(m, BinaryConv2d) and m.binary_inputs:
+            out.append((name, "conv", (m.in_channels, m.out_channels, x.shape[-1])))
+        elif isinstance(m, BinaryLinear) and m.binary_inputs:
+            out.append((name, "dense", (m.in_features, m.out_features)))
+        with torch.no_grad():
+            x = m.eval()(x)
+    return out
+
+
+def bench_layers(batch: int, rounds: int, reps: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, kind, shape in layer_shapes():
+        if kind == "conv":
+            c, o, s = shape
+            x = _signs(batch, c, s, s)
+            w = _signs(o, c, 3, 3)
+            packed = PackedBinaryConv2d.from_signs(w, 1, "same", 1, 0.0)
+            r = compare(lambda: F.conv2d(x, w, None, 1, 1), lambda: packed(x), rounds, reps)
+            label = f"{name} conv {c}→{o} @{s}×{s}"
+        else:
+            f_in, o = shape
+            x = _signs(batch, f_in)
+            w = _signs(o, f_in)
+            packed = PackedBinaryLinear.from_signs(w)
+            r = compare(lambda: F.linear(x, w), lambda: packed(x), rounds, reps)
+            label = f"{name} dense {f_in}→{o}"
+        rows.append({"layer": label, "batch": batch, **r})
+    return rows
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_((torch.rand(n, generator=g) - 0.5) * 40)
+                m.running_var.copy_(torch.rand(n, generator=g) * 60 + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.rand(n, generator=g) * 2 - 1)
+
+
+def bench_network(batches: list[int], rounds: int, reps: int, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from flipnet.layers import binary_modules, set_weight_mode
+    from flipnet.models import create_model
+
+    model = create_model("binarynet", num_classes=10, in_channels=3, input_size=32)
+    set_weight_mode(model, "flip")
+    _randomize_bn(model)
+    model.eval()
+    path = tmp / "binarynet.safetensors"
+    export_model(model, path, metadata={"model": {"name": "binarynet", "kwargs": {}}})
+    packed = load_exported(path)
+    n_binary = sum(m.weight.numel() for _, m in binary_modules(model))
+    float_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * 4 for n, b in model.named_buffers() if "running" in n
+    )
+    sizes = {
+        "binary_weights": n_binary,
+        "float32_binary_weight_bytes": n_binary * 4,
+        "float32_model_bytes": float_bytes,
+        "export_file_bytes": path.stat().st_size,
+        "model_ratio": float_bytes / path.stat().st_size,
+    }
+    rows = []
+    for b in batches:
+        x = torch.rand(b, 3, 32, 32) * 2 - 1
+        with torch.inference_mode():
+            same = bool((model(x).argmax(1) == packed(x).argmax(1)).all())
+        r = compare(lambda: model(x), lambda: packed(x), rounds, max(1, reps // 2))
+        rows.append({"layer": "whole BinaryNet (32×32)", "batch": b, **r, "same_predictions": same})
+    return rows, sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    p.add_argument("--reps", type=int, default=10, help="calls per round at batch 1; fewer at larger batches")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ns = p.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "kernels": kernel_backend(),
+        "python": sys.version.split()[0],
+    }
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            machine["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), machine["cpu"])
+    except OSError:
+        pass
+    rows: list[dict[str, Any]] = []
+    for b in ns.batch_sizes:
+        reps = ns.reps if b == 1 else max(2, ns.reps // 4)
+        rows += bench_layers(b, ns.rounds, reps)
+    with tempfile.TemporaryDirectory() as tmp:
+        net_rows, sizes = bench_network(ns.batch_sizes, ns.rounds, ns.reps, Path(tmp))
+    rows += net_rows
+    print(f"machine: {machine['cpu']}, torch {machine['torch']}, {machine['threads']} threads, kernels {machine['kernels']}\n")
+    print("| layer | batch | float32 ms | packed ms | speedup |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['layer']} | {r['batch']} | {r['float_ms']:.3f} | {r['packed_ms']:.3f} | {r['speedup']:.1f}× |")
+    print()
+    print(f"binary weights: {sizes['binary_weights']:,} = {sizes['float32_binary_weight_bytes']:,} bytes as float32")
+    print(f"float32 model (parameters + BatchNorm statistics): {sizes['float32_model_bytes']:,} bytes; "
+          f"export file: {sizes['export_file_bytes']:,} bytes ({sizes['model_ratio']:.1f}× smaller)")
+    if ns.json:
+        Path(ns.json).write_text(json.dumps({"machine": machine, "rows": rows, "sizes": sizes}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("FLIPNET_KERNELS", "auto")
+    sys.exit(main())

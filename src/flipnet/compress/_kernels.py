@@ -1,0 +1,187 @@
+"""Build and load the C XNOR-popcount kernels (``csrc/bgemm.c``) with ctypes.
+
+The shared library is compiled on first use with the system C compiler (``$CC``, else ``gcc``,
+else ``cc``) using ``-O3 -march=native -fopenmp`` (OpenMP is dropped if the compiler lacks it).
+It is cached in ``$FLIPNET_CACHE_DIR`` (default ``$XDG_CACHE_HOME/flipnet/kernels`` or
+``~/.cache/flipnet/kernels``) under a name keyed by the SHA-256 of the source, the flags, the
+compiler version and the CPU flags, so a changed source, compiler or machine triggers a rebuild.
+The library is written to a temporary file and renamed into place, so concurrent processes never
+load a half-written file.
+
+Without a working compiler (or with ``FLIPNET_KERNELS=torch``) the packed layers use the
+pure-PyTorch implementation in :mod:`flipnet.compress.packed`, which gives identical results and
+also runs on CUDA. ``FLIPNET_KERNELS=c`` makes a failed build an error instead of a fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+__all__ = ["load_library", "kernel_backend", "cache_dir", "KernelBuildError"]
+
+_SOURCE = Path(__file__).parent / "csrc" / "bgemm.c"
+_BASE_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
+_ABI = 5  # bump with every change of the C entry points
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None = None
+_TRIED = False
+
+
+class KernelBuildError(RuntimeError):
+    """The C kernels could not be built although ``FLIPNET_KERNELS=c`` asks for them."""
+
+
+def cache_dir() -> Path:
+    """Folder holding compiled kernels."""
+    env = os.environ.get("FLIPNET_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flipnet" / "kernels"
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "gcc", "cc"):
+        if cand and shutil.which(cand):
+            return cand
+    return None
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return cc
+
+
+def _compile(cc: str, flags: list[str], target: Path) -> bool:
+    """Compile to a temporary file in the target folder, then rename it into place."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError:
+        return False
+    try:
+        proc = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            return False
+        os.replace(tmp, target)
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.fn_abi_version.restype = cint
+    lib.fn_simd_level.restype = cint
+    lib.fn_openmp.restype = cint
+    lib.fn_pack_nchw.argtypes = [ptr, i64, i64, i64, ptr, i64, cint]
+    lib.fn_pack_nchw.restype = None
+    lib.fn_im2col.argtypes = [ptr] + [i64] * 14 + [ctypes.c_uint64, ctypes.c_uint64, ptr, cint]
+    lib.fn_im2col.restype = None
+    lib.fn_bgemm.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, cint, cint]
+    lib.fn_bgemm.restype = None
+    lib.fn_conv2d.argtypes = [ptr] + [i64] * 4 + [ptr] + [i64] * 11 + [ctypes.c_uint64, ctypes.c_uint64, ptr, ptr, cint, cint, ptr, i64, cint]
+    lib.fn_conv2d_scratch.argtypes = [i64] * 8
+    lib.fn_conv2d_scratch.restype = i64
+    lib.fn_conv2d.restype = cint
+    lib.fn_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, cint]
+    lib.fn_linear.restype = cint
+    lib.fn_threshold.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, cint]
+    lib.fn_threshold.restype = None
+    lib.fn_maxpool2d.argtypes = [ptr] + [i64] * 10 + [ptr, cint]
+    lib.fn_maxpool2d.restype = None
+    lib.fn_threshold_nhwc.argtypes = [ptr, i64, i64, ptr, ptr, ptr, cint]
+    lib.fn_threshold_nhwc.restype = None
+    lib.fn_maxpool2d_nhwc.argtypes = [ptr] + [i64] * 10 + [ptr, cint]
+    lib.fn_maxpool2d_nhwc.restype = None
+    return lib
+
+
+def _build_and_load() -> ctypes.CDLL | None:
+    cc = _compiler()
+    if cc is None:
+        return None
+    source = _SOURCE.read_bytes()
+    version = _compiler_version(cc)
+    for extra in (["-fopenmp"], []):
+        flags = _BASE_FLAGS + extra
+        key = hashlib.sha256(
+            b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_fingerprint().encode()])
+        ).hexdigest()[:16]
+        name = f"flipnet_bgemm_{key}.so"
+        target = cache_dir() / name
+        if not target.exists() and not _compile(cc, flags, target):
+            # an unwritable cache folder (read-only home, sandbox): build in the temp folder instead
+            target = Path(tempfile.gettempdir()) / f"flipnet-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}" / name
+            if not target.exists() and not _compile(cc, flags, target):
+                continue
+        try:
+            lib = _declare(ctypes.CDLL(str(target)))
+        except OSError:
+            continue
+        if lib.fn_abi_version() == _ABI:
+            return lib
+    return None
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernel library, or ``None`` where the PyTorch fallback must be used."""
+    global _LIB, _TRIED
+    mode = os.environ.get("FLIPNET_KERNELS", "auto").strip().lower()
+    if mode == "torch":
+        return None
+    if _TRIED:
+        if _LIB is None and mode == "c":
+            raise KernelBuildError("the C kernels could not be built; install gcc or unset FLIPNET_KERNELS=c")
+        return _LIB
+    with _LOCK:
+        if not _TRIED:
+            _LIB = _build_and_load()
+            _TRIED = True
+            if _LIB is None:
+                if mode == "c":
+                    raise KernelBuildError(
+                        "the C kernels could not be built; install gcc (or set CC) or unset FLIPNET_KERNELS=c"
+                    )
+                warnings.warn(
+                    "flipnet: no working C compiler for the packed kernels; using the slower PyTorch "
+                    "implementation (set CC or install gcc for the fast path)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _LIB
+
+
+def kernel_backend() -> str:
+    """``"c-avx512"``, ``"c"`` (portable popcount) or ``"torch"``: what packed CPU layers use."""
+    lib = load_library()
+    if lib is None:
+        return "torch"
+    name = "c-avx512" if lib.fn_simd_level() == 512 else "c"
+    return name + ("+openmp" if lib.fn_openmp() else "")

@@ -1,0 +1,146 @@
+"""``flipnet export`` and ``flipnet summary``.
+
+``flipnet export RUN [--out FILE] [--checkpoint best|last]``
+    Write the trained model of a run folder (or checkpoint file) as one ``flipnet-export``
+    safetensors file (bit-packed binary weights, BatchNorm folded into thresholds), then load it
+    back and check that its logits match the trained model's on random inputs.
+
+``flipnet summary RECIPE_OR_RUN [--input-size N C H W] [--num-classes K]``
+    Print the layer table of :func:`flipnet.compress.summary.summary` for a run folder's model or
+    for the model a recipe would build (no data is loaded: the model's default class count, or
+    ``--num-classes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["register_cli", "cmd_export", "cmd_summary"]
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``export`` and ``summary`` to the ``flipnet`` parser's ``subparsers``."""
+    p = subparsers.add_parser(
+        "export",
+        help="export a trained run as one bit-packed safetensors file",
+        description=(
+            "Export the model of a run folder (or checkpoint file) as a flipnet-export safetensors file: "
+            "binary weights packed 8 per byte, BatchNorm folded into integer thresholds. "
+            "Load it with flipnet.compress.load_exported(path)."
+        ),
+    )
+    p.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
+    p.add_argument("--out", metavar="FILE", help="output file (default: RUN/export.safetensors)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the file back and comparing logits")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser(
+        "summary",
+        help="print a model's layer table (parameters, bits, MACs, memory)",
+        description="Print the summary table of a run folder's model or of the model a recipe builds.",
+    )
+    p.add_argument("target", metavar="RECIPE_OR_RUN", help="run folder, checkpoint file, recipe name or recipe YAML")
+    p.add_argument("--input-size", type=int, nargs="+", metavar="D",
+                   help="input batch shape, e.g. 1 3 32 32 (default: 1 and the model's input shape)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="K",
+                   help="classes of a recipe's model (default: the model's default); ignored for runs")
+    p.set_defaults(func=cmd_summary)
+
+
+def _default_out(run: Path) -> Path:
+    return run / "export.safetensors" if run.is_dir() else run.with_suffix(".safetensors")
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    """``flipnet export``: run folder → safetensors export (verified by reloading)."""
+    import torch
+
+    from flipnet.train import load_run
+
+    from .export import export_model, load_exported
+
+    run = Path(ns.run)
+    config, model = load_run(run, ns.checkpoint, map_location="cpu")
+    model.eval()
+    out = Path(ns.out) if ns.out else _default_out(run)
+    input_shape = getattr(model, "input_shape", None)
+    meta = {
+        "model": {"name": config.model.name, "kwargs": dict(config.model.kwargs)},
+        "run": str(run),
+        "checkpoint": ns.checkpoint,
+        "recipe": getattr(config, "name", None),
+    }
+    if input_shape is not None:
+        meta["input_shape"] = [int(s) for s in input_shape]
+    doc = export_model(model, out, metadata=meta)
+    float_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * 4 for n, b in model.named_buffers() if "running" in n
+    )
+    size = out.stat().st_size
+    print(f"wrote {out}: {size:,} bytes (float32 weights {float_bytes:,} bytes, {float_bytes / max(size, 1):.1f}x smaller); "
+          f"{len(doc['folds'])} BatchNorm layers folded into thresholds")
+    if not ns.no_verify and input_shape is not None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand((8, *input_shape), generator=g) * 2 - 1
+        with torch.no_grad():
+            ref = model(x)
+            got = load_exported(out)(x)
+        diff = (ref - got).abs().max().item()
+        same = bool((ref.argmax(1) == got.argmax(1)).all())
+        print(f"verified on 8 random inputs: max |logit difference| {diff:.3g}, same predictions: {same}")
+        if not same or diff > 1e-3:
+            print("warning: the exported model does not reproduce the trained model; please report this")
+            return 1
+    return 0
+
+
+def _model_for_summary(target: str, num_classes: int | None, input_size: Sequence[int] | None) -> Any:
+    from flipnet.errors import ConfigError
+
+    path = Path(target)
+    if path.is_dir() or (path.is_file() and path.suffix in (".pt", ".pth")):
+        from flipnet.train import load_run
+
+        return load_run(path, "best", map_location="cpu")[1]
+    from flipnet.models import create_model, model_options
+    from flipnet.train import load_config
+
+    config = load_config(target)
+    kwargs = dict(config.model.kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if input_size is not None:
+        if len(input_size) < 2:
+            raise ConfigError(f"--input-size needs at least a batch and a channel size, got {list(input_size)}")
+        kwargs.setdefault("in_channels", int(input_size[1]))
+        if "input_size" in model_options(config.model.name) and len(input_size) == 4 and "input_size" not in kwargs:
+            h, w = int(input_size[2]), int(input_size[3])
+            kwargs["input_size"] = h if h == w else [h, w]
+    return create_model(config.model.name, **kwargs)
+
+
+def cmd_summary(ns: argparse.Namespace) -> int:
+    """``flipnet summary``: print the layer table."""
+    from flipnet.errors import ConfigError
+
+    from .summary import summary
+
+    if ns.input_size is not None and any(d <= 0 for d in ns.input_size):
+        raise ConfigError(f"--input-size must be positive ints, got {ns.input_size}")
+    model = _model_for_summary(ns.target, ns.num_classes, ns.input_size)
+    model.eval()
+    size = ns.input_size
+    if size is None:
+        shape = getattr(model, "input_shape", None)
+        if shape is None:
+            raise ConfigError("this model does not record its input shape; pass --input-size, e.g. --input-size 1 3 32 32")
+        size = [1, *shape]
+    try:
+        s = summary(model, input_size=tuple(int(d) for d in size))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(s.table())
+    return 0

@@ -1,0 +1,316 @@
+"""Export: one safetensors file, bit-packed weights, folded BatchNorm, same logits; bad files rejected."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flipnet.compress import export_model, load_exported, read_export_metadata
+from flipnet.compress.export import EXPORT_FORMAT
+from flipnet.compress.packed import PackedBinaryConv2d, PackedBinaryLinear, ThresholdSign
+from flipnet.errors import ExportFormatError
+from flipnet.layers import BinaryConv2d, BinaryLinear, binary_modules
+from flipnet.models import create_model
+
+
+def randomize_bn(model: nn.Module, seed: int = 0, negative_gamma: bool = True) -> nn.Module:
+    """Trained-looking BatchNorm statistics (and γ of both signs where the layer has γ)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_((torch.rand(n, generator=g) - 0.5) * 40)
+                m.running_var.copy_(torch.rand(n, generator=g) * 60 + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.rand(n, generator=g) * 2 - 1)
+                if m.weight is not None:
+                    lo = -2.0 if negative_gamma else 0.1
+                    m.weight.copy_(torch.rand(n, generator=g) * (2.0 - lo) + lo)
+    return model.eval()
+
+
+def small_binarynet(**kw: Any) -> nn.Module:
+    return create_model("binarynet", num_classes=10, in_channels=3, input_size=12, filters=8, dense_units=32, **kw)
+
+
+def roundtrip(model: nn.Module, tmp_path: Path, x: torch.Tensor, name: str = "m") -> tuple[nn.Module, dict]:
+    path = tmp_path / f"{name}.safetensors"
+    doc = export_model(model, path, metadata={"model": {"name": name, "kwargs": {}}})
+    loaded = load_exported(path)
+    with torch.no_grad():
+        ref, got = model(x), loaded(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ref.argmax(1), got.argmax(1))
+    return loaded, doc
+
+
+@pytest.fixture(params=["c", "torch"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("FLIPNET_KERNELS", "auto" if request.param == "c" else "torch")
+    return request.param
+
+
+def test_binary_mlp_round_trip_with_folding(tmp_path: Path, backend: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(create_model("binary_mlp", num_classes=10, input_size=8, hidden_sizes=(96, 70)))
+    loaded, doc = roundtrip(model, tmp_path, torch.rand(16, 1, 8, 8) * 2 - 1)
+    assert doc["folds"] == [{"layer": "fc2", "batchnorm": "bn2", "threshold": 4}]
+    assert sum(isinstance(m, PackedBinaryLinear) for m in loaded) == 2
+    assert sum(isinstance(m, ThresholdSign) for m in loaded) == 1
+    assert doc["model"] == {"name": "m", "kwargs": {}} and doc["input_shape"] == [1, 8, 8]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"weight_mode": "flip", "pad_value": 1.0},
+        {"scale": "learnable", "pad_value": -1.0},
+        {"dropout": 0.3},
+    ],
+)
+def test_binarynet_round_trip_with_folding(tmp_path: Path, backend: str, options: dict) -> None:
+    torch.manual_seed(1)
+    model = randomize_bn(small_binarynet(**options))
+    if options.get("scale") == "learnable":  # scales of both signs: folding must stay exact (or be skipped)
+        with torch.no_grad():
+            for i, (_, m) in enumerate(binary_modules(model)):
+                m.scale.uniform_(-1.5, 1.5) if i % 2 else m.scale.uniform_(0.2, 1.5)
+    x = torch.rand(6, 3, 12, 12) * 2 - 1
+    loaded, doc = roundtrip(model, tmp_path, x)
+    assert len(doc["folds"]) >= 4
+    assert sum(isinstance(m, PackedBinaryConv2d) for m in loaded) == 5
+    # the float first layer and the logits BatchNorm stay in float
+    assert doc["layers"][0]["type"] == "binary_conv" and doc["layers"][0]["input"] is None
+    assert doc["layers"][-1]["type"] == "batchnorm"
+
+
+def test_exported_binary_weights_are_32x_smaller(tmp_path: Path) -> None:
+    model = randomize_bn(create_model("binarynet", num_classes=10, in_channels=3, input_size=32, filters=16, dense_units=64))
+    path = tmp_path / "b.safetensors"
+    export_model(model, path)
+    from safetensors import safe_open
+
+    n_binary = sum(m.weight.numel() for _, m in binary_modules(model))
+    with safe_open(str(path), "pt") as f:
+        bit_bytes = sum(f.get_tensor(k).numel() for k in f.keys() if k.endswith("weight_bits"))
+        for k in f.keys():
+            if k.endswith("weight_bits"):
+                assert f.get_tensor(k).dtype == torch.uint8
+    # one bit per weight, each output channel's row padded to whole bytes (conv1: 3*3*3 = 27 bits -> 4 bytes)
+    expected = sum(m.weight.shape[0] * -(-m.weight[0].numel() // 8) for _, m in binary_modules(model))
+    assert bit_bytes == expected
+    assert n_binary * 4 / bit_bytes > 31.9
+    assert path.stat().st_size < n_binary * 4 / 16  # the whole file, JSON metadata and thresholds included
+
+
+def test_weight_bits_are_numpy_unpackbits_readable(tmp_path: Path) -> None:
+    layer = BinaryConv2d(5, 3, 3, input_quantizer="ste_sign", weight_mode="flip")
+    model = nn.Sequential(layer, nn.Flatten())
+    path = tmp_path / "w.safetensors"
+    doc = export_model(model, path)
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(path))
+    bits = arrays[doc["layers"][0]["tensors"]["weight_bits"]]
+    w = np.unpackbits(bits, axis=1, count=5 * 9).reshape(3, 5, 3, 3).astype(np.float32) * 2 - 1
+    np.testing.assert_array_equal(w, layer.weight.detach().numpy())
+
+
+def test_qbn_layers_export_as_indices_and_codebook(tmp_path: Path) -> None:
+    from flipnet.compress.qbn import apply_qbn
+
+    torch.manual_seed(2)
+    model = randomize_bn(small_binarynet())
+    apply_qbn(model, k=3)
+    loaded, doc = roundtrip(model, tmp_path, torch.rand(4, 3, 12, 12) * 2 - 1)
+    qbn = [layer for layer in doc["layers"] if layer.get("storage") == "qbn"]
+    assert qbn and all(layer["qbn_k"] == 3 for layer in qbn)
+
+
+def test_mixed_layers_and_activations_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=True),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        BinaryConv2d(8, 8, 3, padding="same", groups=2, input_quantizer="ste_sign"),
+        nn.BatchNorm2d(8),
+        nn.Hardtanh(),
+        BinaryConv2d(8, 6, 3, padding=1, input_quantizer="ste_sign", bias=True, weight_quantizer="magnitude_aware_sign"),
+        nn.BatchNorm2d(6),
+        nn.AvgPool2d(2),
+        BinaryConv2d(6, 4, 1, input_quantizer="ste_heaviside"),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        BinaryLinear(4, 3, input_quantizer="ste_sign", bias=True),
+        nn.LogSoftmax(dim=1),
+    )
+    randomize_bn(model)
+    roundtrip(model, tmp_path, torch.randn(3, 3, 8, 8))
+
+
+def test_unexportable_models_raise_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="nn.Sequential"):
+        export_model(nn.Linear(2, 2), tmp_path / "x.safetensors")
+    class Residual(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + super().forward(x)
+
+    with pytest.raises(ValueError, match="its own forward"):
+        export_model(nn.Sequential(Residual(nn.ReLU())), tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="cannot export a LSTM"):
+        export_model(nn.Sequential(nn.LSTM(2, 2)), tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="JSON"):
+        export_model(nn.Sequential(nn.Flatten()), tmp_path / "x.safetensors", metadata={"bad": object()})
+
+
+# ----------------------------------------------------------------------------- malformed files
+def _write_with_header(path: Path, src: Path, edit: Callable[[dict], None]) -> None:
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+def _edit_doc(fn: Callable[[dict], None]) -> Callable[[dict], None]:
+    def edit(header: dict) -> None:
+        doc = json.loads(header["__metadata__"]["flipnet"])
+        fn(doc)
+        header["__metadata__"]["flipnet"] = json.dumps(doc)
+
+    return edit
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(4)
+    model = randomize_bn(create_model("binary_mlp", num_classes=10, input_size=8, hidden_sizes=(64, 64)))
+    path = tmp_path_factory.mktemp("export") / "good.safetensors"
+    export_model(model, path)
+    return path
+
+
+def _set_shape(doc: dict) -> None:
+    doc["layers"][3]["weight_shape"] = [64, 128]
+
+
+def _set_type(doc: dict) -> None:
+    doc["layers"][1]["type"] = "transformer"
+
+
+def _drop_tensor(doc: dict) -> None:
+    doc["layers"][3]["tensors"].pop("weight_bits")
+
+
+def _bad_threshold(doc: dict) -> None:
+    doc["layers"][4]["channels"] = 65
+
+
+def _bad_stride(doc: dict) -> None:
+    doc["layers"][1]["weight_shape"] = "64x64"
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p, g: None, "no export file"),
+        (lambda p, g: p.write_bytes(b""), "too short"),
+        (lambda p, g: p.write_bytes(g.read_bytes()[:-40]), "malformed"),
+        (lambda p, g: p.write_bytes(g.read_bytes()[:200]), "truncated"),
+        (lambda p, g: p.write_bytes(b"\xff" * 64), "truncated"),
+        (lambda p, g: p.write_bytes(struct.pack("<Q", 4) + b"{{{{"), "not JSON"),
+        (lambda p, g: _write_with_header(p, g, lambda h: h.pop("__metadata__")), "not a flipnet export"),
+        (lambda p, g: _write_with_header(p, g, _edit_doc(lambda d: d.update(version=99))), "version 99"),
+        (lambda p, g: _write_with_header(p, g, _edit_doc(lambda d: d.update(format="other"))), "does not describe"),
+        (lambda p, g: _write_with_header(p, g, _edit_doc(_set_shape)), "shape"),
+        (lambda p, g: _write_with_header(p, g, _edit_doc(_set_type)), "unknown layer type"),
+        (lambda p, g: _write_with_header(p, g, _edit_doc(_drop_tensor)), "missing tensor 'weight_bits'"),
+        (lambda p, g: _write_with_header(p, g, _edit_doc(_bad_threshold)), "shape"),
+        (lambda p, g: _write_with_header(p, g, _edit_doc(_bad_stride)), "wrong type"),
+        (lambda p, g: _write_with_header(p, g, lambda h: h["3.weight_bits"].update(shape=[64, 16])), "malformed"),
+    ],
+)
+def test_malformed_files_raise_export_format_error(tmp_path: Path, good_file: Path, make: Callable, message: str) -> None:
+    bad = tmp_path / "bad.safetensors"
+    make(bad, good_file)
+    with pytest.raises(ExportFormatError, match=message):
+        load_exported(bad)
+
+
+def test_other_safetensors_file_is_not_an_export(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3)}, str(path), metadata={"format": "pt"})
+    with pytest.raises(ExportFormatError, match="not a flipnet export"):
+        read_export_metadata(path)
+    with pytest.raises(ExportFormatError, match="no export file"):
+        read_export_metadata(path.parent / "missing.safetensors")
+
+
+def test_metadata_is_readable_without_tensors(good_file: Path) -> None:
+    doc = read_export_metadata(good_file)
+    assert doc["format"] == EXPORT_FORMAT and doc["version"] == 1
+    assert [layer["type"] for layer in doc["layers"]][:3] == ["flatten", "binary_linear", "batchnorm"]
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_export_of_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flipnet.cli import main
+    from flipnet.train import load_config
+    from flipnet.train.checkpoint import save_checkpoint
+    from flipnet.train.config import config_to_dict
+
+    torch.manual_seed(5)
+    model = randomize_bn(create_model("binary_mlp", num_classes=10, in_channels=1, input_size=8, hidden_sizes=[256, 256]))
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "last.pt", {
+        "model": model.state_dict(), "config": config_to_dict(load_config("digits_bop")), "epoch": 1, "step": 1,
+        "meta": {"num_classes": 10, "input_shape": [1, 8, 8]},
+    })
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(run), "--out", str(out), "--checkpoint", "last"]) == 0
+    text = capsys.readouterr().out
+    assert "folded" in text and "same predictions: True" in text
+    doc = read_export_metadata(out)
+    assert doc["model"]["name"] == "binary_mlp" and doc["extra"]["checkpoint"] == "last"
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(out)(x), model(x))
+    assert main(["export", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.gpu
+def test_exported_model_runs_on_cuda(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    model = randomize_bn(small_binarynet())
+    path = tmp_path / "g.safetensors"
+    export_model(model, path)
+    x = torch.rand(4, 3, 12, 12) * 2 - 1
+    with torch.no_grad():
+        ref = model(x)
+        got = load_exported(path, device="cuda")(x.cuda()).cpu()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_summary_of_a_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    from flipnet.cli import main
+
+    assert main(["summary", "digits_bop"]) == 0
+    out = capsys.readouterr().out
+    assert "fc1" in out and "BinaryLinear" in out
+    assert main(["summary", "digits_bop", "--input-size", "2", "1", "8", "8", "--num-classes", "4"]) == 0
+    assert "2x4" in capsys.readouterr().out.replace(" ", "")
+    assert main(["summary", "digits_bop", "--input-size", "0", "1"]) == 2

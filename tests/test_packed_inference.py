@@ -1,0 +1,320 @@
+"""Packed XNOR-popcount layers equal float layers on ±1 data, exactly; BN thresholds equal BN + sign."""
+
+from __future__ import annotations
+
+from decimal import Decimal, getcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flipnet.compress import _kernels
+from flipnet.compress.export import bn_sign_reference, fold_bn_threshold
+from flipnet.compress.packed import (
+    BinaryWeightConv,
+    BinaryWeightLinear,
+    PackedBinaryConv2d,
+    MaxPool2d,
+    PackedBinaryLinear,
+    ThresholdSign,
+    popcount64,
+)
+from flipnet.layers import BinaryConv2d, BinaryLinear
+
+HAS_C = _kernels.load_library() is not None
+BACKENDS = ["c", "torch"] if HAS_C else ["torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("FLIPNET_KERNELS", "auto" if request.param == "c" else "torch")
+    return request.param
+
+
+def signs(*shape: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
+
+
+def reference_conv(x: torch.Tensor, w: torch.Tensor, stride, pads, dilation, pad_value: float) -> torch.Tensor:
+    xs = torch.where(x >= 0, 1.0, -1.0)
+    return F.conv2d(F.pad(xs, list(pads), value=pad_value), w, None, stride, 0, dilation)
+
+
+CONV_CASES = [
+    # n, c, h, w, o, kernel, stride, padding, dilation, pad_value
+    (1, 128, 12, 12, 128, 3, 1, 1, 1, 0.0),
+    (2, 70, 9, 7, 33, 3, 2, 1, 1, 1.0),
+    (3, 5, 6, 8, 17, (3, 2), 1, (1, 0), 2, -1.0),
+    (1, 130, 5, 5, 10, 1, 1, 0, 1, 0.0),
+    (2, 64, 7, 7, 20, 3, 1, "same", 1, 0.0),
+    (4, 65, 6, 6, 16, 3, 1, "same", 1, 1.0),
+    (1, 3, 4, 4, 5, 3, 2, 2, 1, 0.5),
+    (2, 200, 5, 4, 31, 2, 1, "same", 1, -1.0),
+    (1, 1, 3, 3, 1, 3, 1, "valid", 1, 0.0),
+    (5, 8, 1, 1, 3, 1, 1, 0, 1, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_packed_conv_equals_float_conv_exactly(case, backend: str) -> None:
+    n, c, h, w, o, k, s, pad, d, pv = case
+    torch.manual_seed(hash(case) % 2**31)
+    kk = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, c, h, w)
+    x[0, 0, 0, 0] = 0.0  # sign(0) = +1
+    weight = signs(o, c, *kk)
+    m = PackedBinaryConv2d.from_signs(weight, s, pad, d, pv)
+    ref = reference_conv(x, weight, m.stride, m.pads, m.dilation, pv)
+    out = m(x)
+    assert out.shape == ref.shape
+    assert torch.equal(out, ref)
+    assert torch.equal(m.signs(), weight)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 3), c=st.integers(1, 140), hw=st.tuples(st.integers(1, 7), st.integers(1, 7)), o=st.integers(1, 40),
+    k=st.sampled_from([1, 2, 3]), s=st.integers(1, 2), p=st.integers(0, 2), pv=st.sampled_from([0.0, 1.0, -1.0]),
+    seed=st.integers(0, 2**31 - 1), use_c=st.booleans(),
+)
+def test_packed_conv_property(n, c, hw, o, k, s, p, pv, seed, use_c) -> None:
+    h, w = hw
+    if h + 2 * p < k or w + 2 * p < k:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x = signs(n, c, h, w, gen=g)
+    weight = signs(o, c, k, k, gen=g)
+    m = PackedBinaryConv2d.from_signs(weight, s, p, 1, pv)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLIPNET_KERNELS", "auto" if use_c else "torch")
+        out = m(x)
+    assert torch.equal(out, reference_conv(x, weight, m.stride, m.pads, m.dilation, pv))
+
+
+@pytest.mark.parametrize("n,f,o", [(1, 4608, 1024), (5, 100, 10), (3, 64, 17), (2, 1, 1), (7, 65, 33)])
+def test_packed_linear_equals_float_linear_exactly(n: int, f: int, o: int, backend: str) -> None:
+    torch.manual_seed(n * 1000 + f)
+    x = torch.randn(n, f)
+    weight = signs(o, f)
+    m = PackedBinaryLinear.from_signs(weight)
+    assert torch.equal(m(x), F.linear(torch.where(x >= 0, 1.0, -1.0), weight))
+    assert torch.equal(m.signs(), weight)
+
+
+def test_packed_linear_keeps_leading_dims(backend: str) -> None:
+    x = torch.randn(2, 3, 50)
+    weight = signs(7, 50)
+    out = PackedBinaryLinear.from_signs(weight)(x)
+    assert out.shape == (2, 3, 7)
+    assert torch.equal(out, F.linear(torch.where(x >= 0, 1.0, -1.0), weight))
+
+
+def test_from_binary_layers_match_eval_outputs(backend: str) -> None:
+    torch.manual_seed(0)
+    conv = BinaryConv2d(20, 12, 3, padding="same", bias=True, input_quantizer="ste_sign", scale="learnable", pad_value=1.0)
+    with torch.no_grad():
+        conv.scale.uniform_(-2, 2)
+        conv.bias.uniform_(-1, 1)
+    x = torch.randn(2, 20, 6, 6)
+    torch.testing.assert_close(PackedBinaryConv2d.from_binary(conv)(x), conv.eval()(x), rtol=0, atol=0)
+    lin = BinaryLinear(33, 9, bias=True, input_quantizer="approx_sign", weight_mode="flip", scale="learnable")
+    with torch.no_grad():
+        lin.scale.uniform_(0.1, 2)
+        lin.bias.uniform_(-1, 1)
+    xl = torch.randn(4, 33)
+    torch.testing.assert_close(PackedBinaryLinear.from_binary(lin)(xl), lin.eval()(xl), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="binary inputs"):
+        PackedBinaryConv2d.from_binary(BinaryConv2d(3, 4, 3))
+    first = BinaryConv2d(3, 4, 3, padding=1)
+    xf = torch.randn(1, 3, 5, 5)
+    torch.testing.assert_close(BinaryWeightConv.from_binary(first)(xf), first.eval()(xf))
+    firstl = BinaryLinear(6, 2)
+    torch.testing.assert_close(BinaryWeightLinear.from_binary(firstl)(xf.flatten(1)[:, :6]), firstl.eval()(xf.flatten(1)[:, :6]))
+
+
+def test_packed_layers_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="only -1 and \\+1"):
+        PackedBinaryConv2d.from_signs(torch.zeros(2, 3, 3, 3))
+    m = PackedBinaryConv2d.from_signs(signs(2, 3, 3, 3))
+    with pytest.raises(ValueError, match="expected input"):
+        m(torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="too small"):
+        m(torch.randn(1, 3, 2, 2))
+    with pytest.raises(ValueError, match="input features"):
+        PackedBinaryLinear.from_signs(signs(2, 5))(torch.randn(1, 6))
+
+
+def test_popcount64_matches_python() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-(2**63), 2**63 - 1, (1000,), generator=g, dtype=torch.int64)
+    x[:3] = torch.tensor([0, -1, -(2**63)])
+    expected = [bin(v & 0xFFFFFFFFFFFFFFFF).count("1") for v in x.tolist()]
+    assert popcount64(x).tolist() == expected
+
+
+def test_c_kernel_backend_is_available_with_gcc() -> None:
+    import shutil
+
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    assert _kernels.kernel_backend().startswith("c")
+
+
+def test_without_a_compiler_layers_fall_back_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(_kernels, "_LIB", None)
+    monkeypatch.setattr(_kernels, "_TRIED", False)
+    monkeypatch.setenv("FLIPNET_KERNELS", "auto")
+    with pytest.warns(RuntimeWarning, match="no working C compiler"):
+        assert _kernels.load_library() is None
+    assert _kernels.kernel_backend() == "torch"
+    w = signs(6, 10, 3, 3)
+    x = torch.randn(2, 10, 5, 5)
+    assert torch.equal(PackedBinaryConv2d.from_signs(w, 1, 1)(x), reference_conv(x, w, (1, 1), (1, 1, 1, 1), (1, 1), 0.0))
+    monkeypatch.setenv("FLIPNET_KERNELS", "c")
+    with pytest.raises(_kernels.KernelBuildError, match="install gcc"):
+        _kernels.load_library()
+
+
+# ----------------------------------------------------------------------------- thresholds
+def _exact_sign(y: int, gamma: float, beta: float, mean: float, var: float, eps: float, s: float, b: float) -> int | None:
+    getcontext().prec = 80
+    sigma = (Decimal(var) + Decimal(eps)).sqrt()
+    val = Decimal(gamma) * (Decimal(s) * y + Decimal(b) - Decimal(mean)) / sigma + Decimal(beta)
+    if abs(val) < Decimal("1e-60") and val != 0:
+        return None  # a rounding-level tie: not decidable with finite precision
+    return 1 if val >= 0 else -1
+
+
+finite = st.floats(-50, 50, allow_nan=False, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    k=st.integers(1, 300),
+    gamma=st.one_of(finite, st.just(0.0), st.floats(-0.0009765625, 0.0009765625, width=32)),
+    beta=st.one_of(finite, st.just(0.0)),
+    mean=st.one_of(finite, st.integers(-300, 300).map(float)),
+    var=st.floats(0, 1e4, width=32),
+    eps=st.sampled_from([1e-3, 1e-5, 0.0]),
+    s=st.one_of(st.just(1.0), st.floats(-3, 3, width=32)),
+    b=st.one_of(st.just(0.0), st.floats(-5, 5, width=32)),
+)
+def test_folded_threshold_equals_bn_sign(k, gamma, beta, mean, var, eps, s, b) -> None:
+    if var + eps <= 0:
+        with pytest.raises(ValueError, match="cannot fold"):
+            fold_bn_threshold(k, torch.tensor([gamma]), torch.tensor([beta]), torch.tensor([mean]), torch.tensor([var]), eps)
+        return
+    t32 = lambda v: torch.tensor([v], dtype=torch.float32)  # noqa: E731
+    th, flip = fold_bn_threshold(k, t32(gamma), t32(beta), t32(mean), t32(var), eps, t32(s), t32(b))
+    assert -k <= int(th) <= k + 1
+    y = torch.arange(-k, k + 1, dtype=torch.float32)
+    got = ThresholdSign(th.float(), flip)(y.view(-1, 1))[:, 0]
+    f = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    for yi, gi in zip(range(-k, k + 1), got.tolist()):
+        want = _exact_sign(yi, f(gamma), f(beta), f(mean), f(var), eps, f(s), f(b))
+        if want is not None:
+            assert gi == want, (yi, gi, want)
+
+
+@pytest.mark.parametrize("gamma", [1.0, -1.0, 2.5, -0.25])
+def test_threshold_ties_follow_sign_zero_is_plus_one(gamma: float) -> None:
+    # beta = 0 and mean = 3: BN output is exactly 0 at y = 3, where sign gives +1 for either gamma sign
+    th, flip = fold_bn_threshold(10, torch.tensor([gamma]), torch.tensor([0.0]), torch.tensor([3.0]), torch.tensor([4.0]), 0.0)
+    y = torch.arange(-10, 11, dtype=torch.float32).view(-1, 1)
+    got = ThresholdSign(th.float(), flip)(y)[:, 0]
+    ref = bn_sign_reference(y, torch.tensor([gamma]), torch.tensor([0.0]), torch.tensor([3.0]), torch.tensor([4.0]), 0.0)[:, 0]
+    assert torch.equal(got, ref.float())
+    assert got[13].item() == 1.0  # y = 3
+    assert bool(flip) == (gamma < 0)
+
+
+@pytest.mark.parametrize("offset", [-9.0, -1.0, -0.5, 0.5, 1.0, 9.0, float("inf"), float("-inf"), float("nan")])
+def test_threshold_search_corrects_any_estimate(offset: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float64 estimate only seeds an exact search: a wrong estimate gives the same thresholds."""
+    from flipnet.compress import export
+
+    g = torch.Generator().manual_seed(11)
+    c, k = 40, 50
+    args = (torch.randn(c, generator=g) * 2, torch.randn(c, generator=g), torch.randn(c, generator=g) * 30,
+            torch.rand(c, generator=g) * 20 + 0.1, 1e-3, torch.randn(c, generator=g), torch.randn(c, generator=g) * 3)
+    expected = fold_bn_threshold(k, *args)
+    original = export._threshold_estimate
+    monkeypatch.setattr(export, "_threshold_estimate", lambda *a: original(*a) + offset)
+    got = fold_bn_threshold(k, *args)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    y = torch.arange(-k, k + 1, dtype=torch.float32).view(-1, 1).expand(-1, c)
+    ref = bn_sign_reference(y, args[0], args[1], args[2], args[3], args[4], args[5], args[6])
+    assert torch.equal(ThresholdSign(got[0].float(), got[1])(y), ref.float())
+
+
+def test_threshold_matches_float32_batchnorm_on_many_channels() -> None:
+    torch.manual_seed(3)
+    c, k = 64, 1152
+    bn = torch.nn.BatchNorm2d(c, eps=1e-3).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-100, 100)
+        bn.running_var.uniform_(1, 400)
+        bn.weight.uniform_(-2, 2)
+        bn.weight[:4] = 0.0
+        bn.bias.uniform_(-3, 3)
+    th, flip = fold_bn_threshold(k, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    y = torch.randint(-k, k + 1, (8, c, 5, 5)).float()
+    with torch.no_grad():
+        ref = torch.where(bn(y) >= 0, 1.0, -1.0)
+    assert torch.equal(ThresholdSign(th.float(), flip)(y), ref)
+
+
+@pytest.mark.parametrize(
+    "shape,args",
+    [((2, 5, 9, 7), (3, 2)), ((1, 128, 30, 30), (2, 2)), ((3, 4, 10, 10), ((3, 2), (1, 2))), ((1, 2, 6, 6), (2, 2, 1)),
+     ((1, 2, 7, 7), (2,)), ((1, 3, 5, 5), (2, 2, 0, 1, False, True))],
+)
+def test_maxpool_matches_torch(shape, args, backend: str) -> None:
+    y = torch.randint(-50, 50, shape).float()
+    assert torch.equal(MaxPool2d(*args)(y), torch.nn.MaxPool2d(*args)(y))
+
+
+def test_channels_last_tensors_give_the_same_results(backend: str) -> None:
+    """The C path writes channels-last outputs; every packed module accepts either layout."""
+    torch.manual_seed(12)
+    x = torch.randn(3, 70, 9, 8)
+    w1, w2 = signs(40, 70, 3, 3), signs(24, 40, 3, 3)
+    c1 = PackedBinaryConv2d.from_signs(w1, 1, 1, 1, 0.0)
+    c2 = PackedBinaryConv2d.from_signs(w2, 2, 1, 1, 1.0)
+    y1 = c1(x)
+    assert torch.equal(y1, c1(x.contiguous(memory_format=torch.channels_last)))
+    ref1 = reference_conv(x, w1, (1, 1), (1, 1, 1, 1), (1, 1), 0.0)
+    assert torch.equal(y1, ref1)
+    assert torch.equal(c2(y1), reference_conv(ref1, w2, (2, 2), (1, 1, 1, 1), (1, 1), 1.0))
+    pool = MaxPool2d(2)
+    assert torch.equal(pool(y1), torch.nn.functional.max_pool2d(ref1, 2))
+    th = ThresholdSign(torch.randint(-50, 50, (40,)).float(), torch.rand(40) > 0.5)
+    assert torch.equal(th(y1), th(ref1.contiguous()))
+
+
+def test_threshold_sign_backends_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(7)
+    y = torch.randint(-20, 21, (3, 9, 4, 5), generator=g).float()
+    m = ThresholdSign(torch.randint(-20, 21, (9,), generator=g).float(), torch.rand(9, generator=g) > 0.5)
+    expected = torch.where((y >= m.threshold.view(1, -1, 1, 1)) ^ m.flip.view(1, -1, 1, 1), 1.0, -1.0)
+    assert torch.equal(m(y), expected)
+    monkeypatch.setenv("FLIPNET_KERNELS", "torch")
+    assert torch.equal(m(y), expected)
+    assert torch.equal(m(y[:, :, 0, 0]), expected[:, :, 0, 0])
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+def test_packed_layers_on_cuda_match_cpu() -> None:
+    torch.manual_seed(0)
+    w = signs(64, 96, 3, 3)
+    x = torch.randn(2, 96, 9, 9)
+    m = PackedBinaryConv2d.from_signs(w, 1, 1, 1, 0.0)
+    ref = m(x)
+    assert torch.equal(m.cuda()(x.cuda()).cpu(), ref)
+    lin = PackedBinaryLinear.from_signs(signs(10, 300))
+    xl = torch.randn(4, 300)
+    assert torch.equal(lin.cuda()(xl.cuda()).cpu(), lin.cpu()(xl))
