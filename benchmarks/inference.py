@@ -10,9 +10,14 @@ Measures, at each batch size:
   ``load_exported`` (packed layers, folded thresholds; the real-input first layer stays float);
 * bytes: float32 parameters and BatchNorm statistics against the export file.
 
-Timings are interleaved (float, packed, float, packed, ...) in rounds so that load from other
-processes hits both alike; each round keeps the fastest of ``--reps`` calls and the table gives the
-median over rounds. Usage::
+Packed layers run with ``impl="auto"``: each picks its implementation (C popcount kernel, PyTorch
+word ops, or float ``F.linear``/``F.conv2d`` on ±1 values) by timing on its first call at a batch
+size (during the warm-up here); the ``impl`` column shows the choice, and ``C-only ms`` the same
+layers forced to the C kernels (``impl="c"``), i.e. without the per-layer choice.
+
+Timings are interleaved (float, packed, C-only, float, packed, ...) in rounds so that load from
+other processes hits all alike; each round keeps the fastest of ``--reps`` calls and the table gives
+the median over rounds. Usage::
 
     python benchmarks/inference.py                 # markdown table
     python benchmarks/inference.py --json out.json # also write the numbers
@@ -62,22 +67,36 @@ def _time(fn: Callable[[], Any], reps: int) -> float:
     return best
 
 
-def compare(float_fn: Callable[[], Any], packed_fn: Callable[[], Any], rounds: int, reps: int) -> dict[str, float]:
-    """Interleaved timing; median over rounds of the per-round best, in milliseconds."""
+def compare(float_fn: Callable[[], Any], packed_fn: Callable[[], Any], rounds: int, reps: int,
+            c_fn: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Interleaved timing; median over rounds of the per-round best, in milliseconds. The warm-up
+    calls include the packed layers' autotuning."""
+    fns = [float_fn, packed_fn] + ([c_fn] if c_fn is not None else [])
     with torch.inference_mode():
-        float_fn(), packed_fn(), float_fn(), packed_fn()  # warm up (kernel build, allocations)
-        tf, tp, ratios = [], [], []
+        for _ in range(2):
+            for fn in fns:
+                fn()  # warm up (kernel build, autotuning, allocations)
+        times: list[list[float]] = [[] for _ in fns]
+        ratios = []
         for _ in range(rounds):
-            a = _time(float_fn, reps)
-            b = _time(packed_fn, reps)
-            tf.append(a)
-            tp.append(b)
-            ratios.append(a / b)
-    return {
-        "float_ms": statistics.median(tf) * 1e3,
-        "packed_ms": statistics.median(tp) * 1e3,
+            for t, fn in zip(times, fns):
+                t.append(_time(fn, reps))
+            ratios.append(times[0][-1] / times[1][-1])
+    out = {
+        "float_ms": statistics.median(times[0]) * 1e3,
+        "packed_ms": statistics.median(times[1]) * 1e3,
         "speedup": statistics.median(ratios),
     }
+    if c_fn is not None:
+        out["c_only_ms"] = statistics.median(times[2]) * 1e3
+    return out
+
+
+def _force(model: nn.Module, impl: str) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, (PackedBinaryConv2d, PackedBinaryLinear)):
+            m.impl = impl
+    return model
 
 
 def _signs(*shape: int) -> torch.Tensor:
@@ -111,17 +130,32 @@ def bench_layers(batch: int, rounds: int, reps: int) -> list[dict[str, Any]]:
             x = _signs(batch, c, s, s)
             w = _signs(o, c, 3, 3)
             packed = PackedBinaryConv2d.from_signs(w, 1, "same", 1, 0.0)
-            r = compare(lambda: F.conv2d(x, w, None, 1, 1), lambda: packed(x), rounds, reps)
+            c_only = PackedBinaryConv2d.from_signs(w, 1, "same", 1, 0.0, impl="c")
+            r = compare(lambda: F.conv2d(x, w, None, 1, 1), lambda: packed(x), rounds, reps, lambda: c_only(x))
             label = f"{name} conv {c}→{o} @{s}×{s}"
         else:
             f_in, o = shape
             x = _signs(batch, f_in)
             w = _signs(o, f_in)
             packed = PackedBinaryLinear.from_signs(w)
-            r = compare(lambda: F.linear(x, w), lambda: packed(x), rounds, reps)
+            c_only = PackedBinaryLinear.from_signs(w, impl="c")
+            r = compare(lambda: F.linear(x, w), lambda: packed(x), rounds, reps, lambda: c_only(x))
             label = f"{name} dense {f_in}→{o}"
-        rows.append({"layer": label, "batch": batch, **r})
+        with torch.inference_mode():
+            rows.append({"layer": label, "batch": batch, **r, "impl": packed.selected_impl(x)})
     return rows
+
+
+def _count_impls(model: nn.Module, batch: int) -> dict[str, int]:
+    """How many packed layers of ``model`` use each implementation at this batch size."""
+    counts: dict[str, int] = {}
+    bucket = 1 if batch <= 1 else 1 << (batch - 1).bit_length()
+    for m in model.modules():
+        if isinstance(m, (PackedBinaryConv2d, PackedBinaryLinear)):
+            for key, impl in m.tuned.items():
+                if key[0] == bucket and key[-1] == torch.get_num_threads():
+                    counts[impl] = counts.get(impl, 0) + 1
+    return counts
 
 
 def _randomize_bn(model: nn.Module) -> None:
@@ -147,6 +181,7 @@ def bench_network(batches: list[int], rounds: int, reps: int, tmp: Path) -> tupl
     path = tmp / "binarynet.safetensors"
     export_model(model, path, metadata={"model": {"name": "binarynet", "kwargs": {}}})
     packed = load_exported(path)
+    c_only = _force(load_exported(path), "c")
     n_binary = sum(m.weight.numel() for _, m in binary_modules(model))
     float_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(
         b.numel() * 4 for n, b in model.named_buffers() if "running" in n
@@ -163,8 +198,9 @@ def bench_network(batches: list[int], rounds: int, reps: int, tmp: Path) -> tupl
         x = torch.rand(b, 3, 32, 32) * 2 - 1
         with torch.inference_mode():
             same = bool((model(x).argmax(1) == packed(x).argmax(1)).all())
-        r = compare(lambda: model(x), lambda: packed(x), rounds, max(1, reps // 2))
-        rows.append({"layer": "whole BinaryNet (32×32)", "batch": b, **r, "same_predictions": same})
+        r = compare(lambda: model(x), lambda: packed(x), rounds, max(1, reps // 2), lambda: c_only(x))
+        impls = " ".join(f"{k}×{v}" for k, v in _count_impls(packed, b).items())
+        rows.append({"layer": "whole BinaryNet (32×32)", "batch": b, **r, "impl": impls, "same_predictions": same})
     return rows, sizes
 
 
@@ -198,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         net_rows, sizes = bench_network(ns.batch_sizes, ns.rounds, ns.reps, Path(tmp))
     rows += net_rows
     print(f"machine: {machine['cpu']}, torch {machine['torch']}, {machine['threads']} threads, kernels {machine['kernels']}\n")
-    print("| layer | batch | float32 ms | packed ms | speedup |")
-    print("|---|---:|---:|---:|---:|")
+    print("| layer | batch | float32 ms | packed ms | impl | speedup | C-only ms |")
+    print("|---|---:|---:|---:|---|---:|---:|")
     for r in rows:
-        print(f"| {r['layer']} | {r['batch']} | {r['float_ms']:.3f} | {r['packed_ms']:.3f} | {r['speedup']:.1f}× |")
+        print(f"| {r['layer']} | {r['batch']} | {r['float_ms']:.3f} | {r['packed_ms']:.3f} | {r['impl']} | "
+              f"{r['speedup']:.1f}× | {r.get('c_only_ms', float('nan')):.3f} |")
     print()
     print(f"binary weights: {sizes['binary_weights']:,} = {sizes['float32_binary_weight_bytes']:,} bytes as float32")
     print(f"float32 model (parameters + BatchNorm statistics): {sizes['float32_model_bytes']:,} bytes; "

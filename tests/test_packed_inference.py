@@ -23,13 +23,17 @@ from flipnet.compress.packed import (
 )
 from flipnet.layers import BinaryConv2d, BinaryLinear
 
+from flipnet.compress import packed
+
 HAS_C = _kernels.load_library() is not None
-BACKENDS = ["c", "torch"] if HAS_C else ["torch"]
+BACKENDS = ["c", "torch", "float", "auto"] if HAS_C else ["torch", "float", "auto"]
+IMPLS = [i for i in BACKENDS if i != "auto"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("FLIPNET_KERNELS", "auto" if request.param == "c" else "torch")
+    """Forces each implementation through FLIPNET_KERNELS (``auto``: chosen by timing)."""
+    monkeypatch.setenv("FLIPNET_KERNELS", request.param)
     return request.param
 
 
@@ -77,20 +81,17 @@ def test_packed_conv_equals_float_conv_exactly(case, backend: str) -> None:
 @given(
     n=st.integers(1, 3), c=st.integers(1, 140), hw=st.tuples(st.integers(1, 7), st.integers(1, 7)), o=st.integers(1, 40),
     k=st.sampled_from([1, 2, 3]), s=st.integers(1, 2), p=st.integers(0, 2), pv=st.sampled_from([0.0, 1.0, -1.0]),
-    seed=st.integers(0, 2**31 - 1), use_c=st.booleans(),
+    seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(IMPLS),
 )
-def test_packed_conv_property(n, c, hw, o, k, s, p, pv, seed, use_c) -> None:
+def test_packed_conv_property(n, c, hw, o, k, s, p, pv, seed, impl) -> None:
     h, w = hw
     if h + 2 * p < k or w + 2 * p < k:
         return
     g = torch.Generator().manual_seed(seed)
     x = signs(n, c, h, w, gen=g)
     weight = signs(o, c, k, k, gen=g)
-    m = PackedBinaryConv2d.from_signs(weight, s, p, 1, pv)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLIPNET_KERNELS", "auto" if use_c else "torch")
-        out = m(x)
-    assert torch.equal(out, reference_conv(x, weight, m.stride, m.pads, m.dilation, pv))
+    m = PackedBinaryConv2d.from_signs(weight, s, p, 1, pv, impl=impl)
+    assert torch.equal(m(x), reference_conv(x, weight, m.stride, m.pads, m.dilation, pv))
 
 
 @pytest.mark.parametrize("n,f,o", [(1, 4608, 1024), (5, 100, 10), (3, 64, 17), (2, 1, 1), (7, 65, 33)])
@@ -318,3 +319,170 @@ def test_packed_layers_on_cuda_match_cpu() -> None:
     lin = PackedBinaryLinear.from_signs(signs(10, 300))
     xl = torch.randn(4, 300)
     assert torch.equal(lin.cuda()(xl.cuda()).cpu(), lin.cpu()(xl))
+
+
+# ----------------------------------------------------------------------------- implementation choice
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_every_impl_gives_identical_outputs(batch: int) -> None:
+    """BinaryNet-like shapes (incl. batch 16, where PyTorch may pick other float conv algorithms),
+    both input layouts, scale and bias: every implementation returns the same tensor."""
+    g = torch.Generator().manual_seed(batch)
+    convs = [
+        (PackedBinaryConv2d.from_signs(signs(96, 128, 3, 3, gen=g), 1, "same", 1, 0.0,
+                                       torch.rand(96, generator=g) + 0.5, torch.randn(96, generator=g)), (128, 9)),
+        (PackedBinaryConv2d.from_signs(signs(20, 70, 3, 3, gen=g), 2, 1, 1, 1.0), (70, 8)),
+        (PackedBinaryConv2d.from_signs(signs(16, 65, 2, 2, gen=g), 1, "same", 1, -1.0), (65, 6)),
+    ]
+    for m, (c, hw) in convs:
+        x = torch.randn(batch, c, hw, hw, generator=g)
+        x[0, 0, 0, 0] = 0.0
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            outs = {}
+            for impl in IMPLS:
+                m.impl = impl
+                outs[impl] = m(xin)
+            for impl in IMPLS[1:]:
+                assert torch.equal(outs[impl], outs[IMPLS[0]]), impl
+    lin = PackedBinaryLinear.from_signs(signs(10, 1024, gen=g), torch.rand(10, generator=g), torch.randn(10, generator=g))
+    xl = torch.randn(batch, 1024, generator=g)
+    outs = [PackedBinaryLinear(lin.weight_words, 1024, lin.scale, lin.bias, impl=i)(xl) for i in IMPLS]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def _fake_timer(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float]) -> list[str]:
+    calls: list[str] = []
+
+    def fake(run, impl: str) -> float:
+        run()
+        calls.append(impl)
+        return seconds[impl]
+
+    monkeypatch.setattr(packed, "_time_impl", fake)
+    return calls
+
+
+@pytest.mark.parametrize("fastest", ["float", "popcount"])
+def test_autotune_picks_the_fastest_and_caches_per_bucket(fastest: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLIPNET_KERNELS", raising=False)
+    popcount = "c" if HAS_C else "torch"
+    seconds = {popcount: 1e-3, "float": 2e-3} if fastest == "popcount" else {popcount: 2e-3, "float": 1e-3}
+    calls = _fake_timer(monkeypatch, seconds)
+    w = signs(10, 100)
+    m = PackedBinaryLinear.from_signs(w)
+    assert m.impl == "auto" and m.tuned == {}
+    want = popcount if fastest == "popcount" else "float"
+    x = torch.randn(3, 100)
+    assert torch.equal(m(x), F.linear(torch.where(x >= 0, 1.0, -1.0), w))
+    threads = torch.get_num_threads()
+    assert m.tuned == {(4, threads): want}
+    assert sorted(set(calls)) == sorted({popcount, "float"}) and len(calls) == 2 + 2 * packed.AUTOTUNE_REPS
+    m(torch.randn(4, 100))  # same bucket (3 and 4 → 4): no new timing
+    m(torch.randn(2, 5, 100))  # 10 rows → bucket 16
+    assert len(calls) == 2 * (2 + 2 * packed.AUTOTUNE_REPS)
+    assert m.tuned == {(4, threads): want, (16, threads): want}
+    assert m.selected_impl(torch.randn(4, 100)) == want
+    assert ("_float_cache" in m.__dict__) == (want == "float")  # float weights are dropped when unused
+
+
+@pytest.mark.parametrize("float_seconds,timed", [(1.0, 0), (5e-3, 1)])
+def test_autotune_drops_a_far_slower_candidate_early(float_seconds: float, timed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than 10x slower on the first (warm-up) call: not timed; more than 3x after one round: dropped."""
+    monkeypatch.delenv("FLIPNET_KERNELS", raising=False)
+    popcount = "c" if HAS_C else "torch"
+    calls = _fake_timer(monkeypatch, {popcount: 1e-3, "float": float_seconds})
+    m = PackedBinaryConv2d.from_signs(signs(8, 16, 3, 3), 1, 1)
+    m(torch.randn(1, 16, 5, 5))
+    assert calls == [popcount, "float"] + [popcount, "float"] * timed
+    assert list(m.tuned.values()) == [popcount]
+    assert "_float_cache" not in m.__dict__
+
+
+def test_autotune_never_picks_an_inexact_float_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLIPNET_KERNELS", raising=False)
+    popcount = "c" if HAS_C else "torch"
+    calls = _fake_timer(monkeypatch, {popcount: 1.0, "float": 1e-6})
+    # a pad value other than 0/±1: float is not even a candidate
+    m = PackedBinaryConv2d.from_signs(signs(4, 3, 3, 3), 1, 1, 1, 0.5)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(m(x), reference_conv(x, m.signs(), (1, 1), m.pads, (1, 1), 0.5))
+    assert list(m.tuned.values()) == [popcount] and calls == []  # nothing to time
+    # a float path whose output differs from the popcount output on the tuning input is excluded
+    monkeypatch.setattr(packed, "_sign", lambda t: torch.ones_like(t))
+    lin = PackedBinaryLinear.from_signs(signs(5, 70))
+    xl = torch.randn(2, 70)
+    assert torch.equal(lin(xl), F.linear(torch.where(xl >= 0, 1.0, -1.0), lin.signs()))
+    assert list(lin.tuned.values()) == [popcount] and calls == [popcount, "float"]  # the check calls only
+
+
+def test_impl_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_timer(monkeypatch, {"c": 1.0, "torch": 1.0, "float": 1.0})
+    x = torch.randn(2, 40)
+    for impl in IMPLS:  # the environment variable forces layers left on "auto"
+        monkeypatch.setenv("FLIPNET_KERNELS", impl)
+        m = PackedBinaryLinear.from_signs(signs(6, 40))
+        assert m.selected_impl(x) == impl
+        m(x)
+        assert m.tuned == {}
+    monkeypatch.setenv("FLIPNET_KERNELS", "torch")  # the constructor argument beats the environment
+    assert PackedBinaryLinear.from_signs(signs(6, 40), impl="float").selected_impl(x) == "float"
+    monkeypatch.setenv("FLIPNET_KERNELS", "auto")
+    m = PackedBinaryConv2d.from_signs(signs(4, 8, 3, 3), impl="torch")
+    assert m.selected_impl(torch.randn(1, 8, 5, 5)) == "torch" and m.tuned == {}
+    m.impl = "FLOAT"
+    assert m.impl == "float"
+    assert calls == []
+    with pytest.raises(ValueError, match="impl must be one of"):
+        m.impl = "cuda"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        PackedBinaryLinear.from_signs(signs(2, 3), impl="fast")
+
+
+def test_autotune_with_real_timing_gives_correct_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLIPNET_KERNELS", raising=False)
+    torch.manual_seed(5)
+    w = signs(10, 1024)
+    m = PackedBinaryLinear.from_signs(w)
+    for n in (1, 2, 64):
+        x = torch.randn(n, 1024)
+        assert torch.equal(m(x), F.linear(torch.where(x >= 0, 1.0, -1.0), w))
+    assert set(m.tuned.values()) <= set(IMPLS) and len(m.tuned) == 3
+
+
+def test_float_impl_sign_handles_zeros_nan_and_inf() -> None:
+    x = torch.tensor([[0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-30, -1e-30, 3.0, -2.0]])
+    assert torch.equal(packed._sign(x), torch.where(x >= 0, 1.0, -1.0))
+    w = signs(4, 10)
+    outs = [PackedBinaryLinear.from_signs(w, impl=i)(x) for i in IMPLS]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    xc = torch.randn(1, 3, 4, 4)
+    xc[0, :, 0, 0] = torch.tensor([float("nan"), -0.0, float("-inf")])
+    wc = signs(5, 3, 3, 3)
+    outs = [PackedBinaryConv2d.from_signs(wc, 1, 1, impl=i)(xc) for i in IMPLS]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_layers_copy_and_pickle_after_calls() -> None:
+    """The per-process caches (ctypes arguments, float weights) are not part of the state."""
+    import copy
+    import io
+
+    x = torch.randn(2, 8, 5, 5)
+    conv = PackedBinaryConv2d.from_signs(signs(6, 8, 3, 3), 1, 1, impl=IMPLS[0])
+    lin = PackedBinaryLinear.from_signs(signs(3, 200), impl=IMPLS[0])
+    ref, refl = conv(x), lin(x.flatten(1))
+    conv.impl = "float"
+    conv(x)
+    for m, inp, want in ((conv, x, ref), (lin, x.flatten(1), refl)):
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        for clone in (copy.deepcopy(m), torch.load(buf, weights_only=False)):
+            assert clone.impl == m.impl and clone.tuned == m.tuned
+            assert torch.equal(clone(inp), want)
+
+
+def test_float_impl_accepts_other_dtypes() -> None:
+    x = torch.randn(2, 30, dtype=torch.float64)
+    w = signs(4, 30)
+    ys = [PackedBinaryLinear.from_signs(w, impl=i)(x) for i in IMPLS]
+    assert all(y.dtype == torch.float32 and torch.equal(y, ys[0]) for y in ys)

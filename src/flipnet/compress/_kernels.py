@@ -10,7 +10,13 @@ load a half-written file.
 
 Without a working compiler (or with ``FLIPNET_KERNELS=torch``) the packed layers use the
 pure-PyTorch implementation in :mod:`flipnet.compress.packed`, which gives identical results and
-also runs on CUDA. ``FLIPNET_KERNELS=c`` makes a failed build an error instead of a fallback.
+also runs on CUDA. ``FLIPNET_KERNELS=c`` makes a failed build an error instead of a fallback and
+makes every packed layer use the C kernels; ``FLIPNET_KERNELS=float`` makes them use float32
+``F.linear`` / ``F.conv2d`` on ±1 values; unset (or ``auto``), each packed layer picks its
+implementation by timing (see :class:`flipnet.compress.packed.PackedBinaryLinear`).
+
+:func:`fast_function` gives an entry point without ``argtypes`` for hot paths that pass
+ready-made ``ctypes`` objects (argument conversion is a large part of a small call's cost).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["load_library", "kernel_backend", "cache_dir", "KernelBuildError"]
+__all__ = ["load_library", "kernel_backend", "cache_dir", "fast_function", "mode", "KernelBuildError"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "bgemm.c"
 _BASE_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
@@ -148,6 +154,47 @@ def _build_and_load() -> ctypes.CDLL | None:
         if lib.fn_abi_version() == _ABI:
             return lib
     return None
+
+
+# Packed layers read FLIPNET_KERNELS on every call. ``os.environ.get`` of an unset variable costs
+# about 1 us (a KeyError inside); CPython's ``os.environ`` keeps its values in the plain dict
+# ``_data`` (kept in sync by ``os.environ[...] = ...`` / ``del``), which a lookup reads in ~50 ns.
+_ENV_NAME = "FLIPNET_KERNELS"
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey(_ENV_NAME)  # type: ignore[attr-defined]
+except AttributeError:
+    _ENV_DATA = None
+
+
+def mode() -> str:
+    """``FLIPNET_KERNELS`` normalised: ``"auto"`` (also for unset or unknown values), ``"c"``,
+    ``"torch"`` or ``"float"``."""
+    if isinstance(_ENV_DATA, dict):
+        raw = _ENV_DATA.get(_ENV_KEY)
+        if raw is None:
+            return "auto"
+        m = os.environ.decodevalue(raw)  # type: ignore[attr-defined]
+    else:
+        m = os.environ.get(_ENV_NAME)
+        if m is None:
+            return "auto"
+    m = m.strip().lower()
+    return m if m in ("c", "torch", "float") else "auto"
+
+
+_FAST: dict[tuple[int, str], object] = {}
+
+
+def fast_function(lib: ctypes.CDLL, name: str, restype: type | None = ctypes.c_int):  # type: ignore[no-untyped-def]
+    """``lib.name`` as a function pointer without ``argtypes``: every argument must already be a
+    ``ctypes`` object of the C type (``c_void_p``, ``c_int64``, ``c_uint64``, ``c_int``). Cached."""
+    key = (id(lib), name)
+    fn = _FAST.get(key)
+    if fn is None:
+        fn = ctypes.CFUNCTYPE(restype)(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
+        _FAST[key] = fn
+    return fn
 
 
 def load_library() -> ctypes.CDLL | None:

@@ -25,11 +25,21 @@ Layout
     :class:`MaxPool2d` accept either layout and keep channels last, other PyTorch modules accept it
     as usual. Packed input and im2col words live in a per-thread scratch buffer that is reused.
 
-Backends
-    On CPU, the C kernels of ``csrc/bgemm.c`` (compiled on first use, AVX-512 VPOPCNTDQ where the
-    CPU has it, OpenMP threads = ``torch.get_num_threads()``); without a compiler, and on CUDA,
-    the same arithmetic in PyTorch ops on int64 words (XOR and a SWAR popcount). Both give
-    identical results.
+Implementations (``impl``)
+    ``"c"``: the C kernels of ``csrc/bgemm.c`` (CPU; compiled on first use, AVX-512 VPOPCNTDQ
+    where the CPU has it, OpenMP threads = ``torch.get_num_threads()``). ``"torch"``: the same
+    arithmetic in PyTorch ops on int64 words (XOR and a SWAR popcount; any device). ``"float"``:
+    ``F.linear`` / ``F.conv2d`` on the ±1 input and cached float32 ±1 weights (the products and
+    sums are small integers, exact in float32). All give identical outputs.
+
+    ``impl="auto"`` (the default) picks per layer by measurement on CPU: the first call with a
+    new (batch-size bucket, input size, layout, thread count) runs the popcount kernel (C, or
+    torch without a compiler) and the float path on the real input, keeps ``"float"`` as a
+    candidate only if its output equals the popcount output, times the candidates a few times
+    (interleaved, fastest call each) and stores the winner in ``layer.tuned``; later calls look
+    the choice up. Batch sizes are bucketed by powers of two. Non-CPU tensors use ``"torch"``.
+    ``impl=`` in the constructor (or setting ``layer.impl``) forces one implementation; so does
+    ``FLIPNET_KERNELS=c|torch|float`` for layers left on ``"auto"``.
 
 Layers whose inputs are real (the first layer) keep float arithmetic:
 :class:`BinaryWeightConv2d` / :class:`BinaryWeightLinear` hold ±1 weights as floats (they are
@@ -38,8 +48,11 @@ stored bit-packed in exports).
 
 from __future__ import annotations
 
+import ctypes
+import math
 import threading
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +75,11 @@ __all__ = [
 ]
 
 _OBLOCK = 16  # output channels per weight block of the C kernel
+
+#: Implementations a packed layer can run (see the module docstring); ``"auto"`` picks one.
+IMPLS = ("c", "torch", "float")
+#: Timed calls per candidate when autotuning (the fastest counts).
+AUTOTUNE_REPS = 5
 
 _M1 = 0x5555555555555555
 _M2 = 0x3333333333333333
@@ -123,6 +141,39 @@ def _block_weights(words: Tensor) -> Tensor:
 
 
 _SCRATCH = threading.local()
+_ONES: dict[torch.device, Tensor] = {}
+
+
+def _sign(x: Tensor) -> Tensor:
+    """float32 ±1 with the packing rule: +1 where ``x >= 0`` (``sign(0) = sign(-0.0) = +1``), -1
+    elsewhere (NaN included). ``copysign`` of a NaN-free ``x + 0.0`` (which turns -0.0 into +0.0) is
+    several times faster than ``torch.where(x >= 0, 1, -1)`` on CPU."""
+    one = _ONES.get(x.device)
+    if one is None:
+        one = _ONES[x.device] = torch.ones((), device=x.device)
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    return torch.copysign(one, torch.nan_to_num(x, nan=-1.0).add_(0.0))
+
+
+def _bucket(n: int) -> int:
+    """Batch-size bucket: ``n`` rounded up to a power of two."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _time_impl(run: Callable[[], object], impl: str) -> float:
+    """Seconds one call of ``run`` (implementation ``impl``) takes; the tests replace this hook to
+    make autotuning deterministic."""
+    t = time.perf_counter()
+    run()
+    return time.perf_counter() - t
+
+
+def _check_impl(impl: str) -> str:
+    impl = str(impl).lower()
+    if impl not in IMPLS + ("auto",):
+        raise ValueError(f"impl must be one of 'auto', 'c', 'torch', 'float', got {impl!r}")
+    return impl
 
 
 def _scratch(words: int) -> Tensor:
@@ -148,6 +199,110 @@ class _PackedBase(nn.Module):
     weight_words: Tensor
     scale: Tensor | None
     bias: Tensor | None
+    _impl: str = "auto"
+
+    # ------------------------------------------------------------------ implementation choice
+    @property
+    def impl(self) -> str:
+        """``"auto"`` (pick by measurement) or the forced implementation ``"c"``, ``"torch"``, ``"float"``."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self.__dict__["_impl"] = _check_impl(value)
+
+    #: per-process caches (ctypes objects cannot be pickled; float weights are rebuilt on demand)
+    _TRANSIENT = ("_cargs", "_c_calls", "_float_cache")
+
+    def __getstate__(self) -> dict:  # type: ignore[type-arg]
+        state = self.__dict__.copy()
+        for k in self._TRANSIENT:
+            state.pop(k, None)
+        return state
+
+    def _init_impl(self, impl: str) -> None:
+        self.impl = impl
+        #: choices made by autotuning: (batch bucket, *input size, layout, threads) → impl
+        self.tuned: dict[tuple[int, ...], str] = {}
+
+    def _resolve(self, x: Tensor, shape_key: tuple[int, ...]) -> str:
+        """The implementation for input ``x``; ``shape_key[0]`` is the batch (row) count."""
+        impl = self._impl
+        if impl == "auto":
+            impl = _kernels.mode()
+        if impl == "auto":
+            if not x.is_cpu:
+                return "torch"
+            key = (_bucket(shape_key[0]),) + shape_key[1:] + (torch.get_num_threads(),)
+            choice = self.tuned.get(key)
+            return choice if choice is not None else self._autotune(key, x)
+        if impl == "c":
+            if not x.is_cpu:
+                return "torch"  # the C kernels are CPU-only
+            if _kernels._LIB is None and _kernels.load_library() is None:
+                raise _kernels.KernelBuildError(
+                    "impl='c' needs the C kernels, which could not be built (or FLIPNET_KERNELS=torch disables them)"
+                )
+        return impl
+
+    def selected_impl(self, x: Tensor) -> str:
+        """The implementation a call on ``x`` uses (autotuning first if that is still to do)."""
+        with torch.no_grad():
+            return self._resolve(x, self._shape_key(x))
+
+    def _float_exact(self) -> bool:
+        return True
+
+    def _autotune(self, key: tuple[int, ...], x: Tensor) -> str:
+        popcount = "c" if _kernels.load_library() is not None else "torch"
+        choice = popcount
+        if self._float_exact():
+            outs: dict[str, Tensor] = {}
+
+            def call(c: str) -> None:
+                outs[c] = self._run(c, x)
+
+            with torch.no_grad():
+                # first calls: warm-up (scratch growth, float weights, primitive creation) and the
+                # exactness check; a float path 10x slower even here is not timed further
+                first = {popcount: _time_impl(lambda: call(popcount), popcount)}
+                try:
+                    first["float"] = _time_impl(lambda: call("float"), "float")
+                    ok = torch.equal(outs["float"], outs[popcount]) and first["float"] <= 10 * first[popcount]
+                except RuntimeError:  # e.g. out of memory for the float weights
+                    ok = False
+                outs.clear()
+                if ok:
+                    cands = [popcount, "float"]
+                    best = {c: math.inf for c in cands}
+                    for r in range(AUTOTUNE_REPS):
+                        for c in cands:
+                            best[c] = min(best[c], _time_impl(lambda: self._run(c, x), c))
+                        if r == 0:  # stop timing a candidate that is already far behind
+                            fastest = min(best.values())
+                            cands = [c for c in cands if best[c] <= 3 * fastest]
+                            if len(cands) == 1:
+                                break
+                    choice = min(cands, key=best.__getitem__)
+        self.tuned[key] = choice
+        if choice != "float" and "float" not in self.tuned.values() and self._impl != "float":
+            self.__dict__.pop("_float_cache", None)  # the float weights are 32x the packed ones
+        return choice
+
+    def _float_weight(self, device: torch.device) -> Tensor:
+        """The ±1 weights as float32 (for ``impl="float"``), rebuilt when ``weight_words`` changes."""
+        words = self._buffers["weight_words"]
+        cached = self.__dict__.get("_float_cache")
+        if cached is None or cached[0] is not words or cached[1] != words._version or cached[2] != device:
+            cached = (words, words._version, device, self.signs().to(device))
+            self.__dict__["_float_cache"] = cached
+        return cached[3]
+
+    def _shape_key(self, x: Tensor) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _run(self, impl: str, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def _init_affine(self, scale: Tensor | None, bias: Tensor | None, out: int) -> None:
         for name, t in (("scale", scale), ("bias", bias)):
@@ -176,16 +331,6 @@ class _PackedBase(nn.Module):
             self.__dict__["_blocked_cache"] = cached
         return cached[2]
 
-    @staticmethod
-    def _c_library(x: Tensor):  # type: ignore[no-untyped-def]
-        """The C kernel library for a CPU tensor, else ``None`` (PyTorch path)."""
-        return _kernels.load_library() if x.is_cpu else None
-
-    @staticmethod
-    def _as_f32(x: Tensor) -> Tensor:
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        return x
 
 
 class PackedBinaryLinear(_PackedBase):
@@ -199,9 +344,12 @@ class PackedBinaryLinear(_PackedBase):
         weight_words: ``(out_features, ceil(in_features/64))`` int64 words (:func:`pack_words`).
         in_features: number of input features ``K``.
         scale, bias: optional per-output-feature float tensors.
+        impl: ``"auto"`` (pick by timing, per batch-size bucket), ``"c"``, ``"torch"`` or
+            ``"float"`` (see the module docstring); also settable later as ``layer.impl``.
     """
 
-    def __init__(self, weight_words: Tensor, in_features: int, scale: Tensor | None = None, bias: Tensor | None = None) -> None:
+    def __init__(self, weight_words: Tensor, in_features: int, scale: Tensor | None = None, bias: Tensor | None = None,
+                 impl: str = "auto") -> None:
         super().__init__()
         if weight_words.dtype != torch.int64 or weight_words.dim() != 2:
             raise ValueError("weight_words must be a 2-d int64 tensor from pack_words(weight, dim=1)")
@@ -211,12 +359,14 @@ class PackedBinaryLinear(_PackedBase):
         self.out_features = int(weight_words.shape[0])
         self.register_buffer("weight_words", weight_words.contiguous())
         self._init_affine(scale, bias, self.out_features)
+        self._init_impl(impl)
 
     @classmethod
-    def from_signs(cls, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> "PackedBinaryLinear":
+    def from_signs(cls, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None,
+                   impl: str = "auto") -> "PackedBinaryLinear":
         """Build from a ``(out, in)`` ±1 weight."""
         check_binary(weight, "weight")
-        return cls(pack_words(weight.detach().cpu(), dim=1), weight.shape[1], scale, bias)
+        return cls(pack_words(weight.detach().cpu(), dim=1), weight.shape[1], scale, bias, impl)
 
     @classmethod
     def from_binary(cls, layer: BinaryLinear) -> "PackedBinaryLinear":
@@ -237,21 +387,44 @@ class PackedBinaryLinear(_PackedBase):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected {self.in_features} input features, got shape {tuple(x.shape)}")
-        lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        lib = self._c_library(x2)
-        if lib is not None:
-            x2 = self._as_f32(x2)
-            y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
-            rc = lib.fn_linear(x2.data_ptr(), x2.shape[0], self.in_features, self._blocked().data_ptr(),
-                               self.out_features, y.data_ptr(), torch.get_num_threads())
-            if rc != 0:
-                raise MemoryError("PackedBinaryLinear: the C kernel could not allocate its scratch memory")
-        else:
-            a = _pack_channels(x2)
-            y = _xnor_gemm_torch(a, self.weight_words.to(a.device), self.in_features)
-        y = self._finish(y)
-        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
+        y = self._run(self._resolve(x2, (x2.shape[0],)), x2)
+        if self._affine:
+            y = self._finish(y)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _shape_key(self, x: Tensor) -> tuple[int, ...]:
+        return (x.reshape(-1, self.in_features).shape[0],)
+
+    def _run(self, impl: str, x2: Tensor) -> Tensor:
+        """``(N, in)`` → ``(N, out)`` integer sums, before scale and bias."""
+        if impl == "c":
+            return self._forward_c(x2)
+        if impl == "float":
+            return F.linear(_sign(x2), self._float_weight(x2.device))
+        a = _pack_channels(x2)
+        return _xnor_gemm_torch(a, self.weight_words.to(a.device), self.in_features)
+
+    def _forward_c(self, x2: Tensor) -> Tensor:
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
+        n = x2.shape[0]
+        y = torch.empty(n, self.out_features)
+        if y.dtype != torch.float32:  # a changed default dtype
+            y = y.float()
+        # ready-made ctypes arguments (weight pointer, sizes), rebuilt when the weights change
+        blocked = self._blocked()
+        cargs = self.__dict__.get("_cargs")
+        if cargs is None or cargs[0] is not blocked:
+            lib = _kernels.load_library()
+            cargs = (blocked, _kernels.fast_function(lib, "fn_linear"), ctypes.c_int64(self.in_features),
+                     ctypes.c_void_p(blocked.data_ptr()), ctypes.c_int64(self.out_features))
+            self.__dict__["_cargs"] = cargs
+        rc = cargs[1](ctypes.c_void_p(x2.data_ptr()), ctypes.c_int64(n), cargs[2], cargs[3], cargs[4],
+                      ctypes.c_void_p(y.data_ptr()), ctypes.c_int(torch.get_num_threads()))
+        if rc != 0:
+            raise MemoryError("PackedBinaryLinear: the C kernel could not allocate its scratch memory")
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale is not None}, bias={self.bias is not None}"
@@ -274,6 +447,9 @@ class PackedBinaryConv2d(_PackedBase):
             or ``"same"`` / ``"valid"``.
         pad_value: value of padded pixels (0, -1 or +1 are exact; others use a float correction).
         scale, bias: optional per-output-channel float tensors.
+        impl: ``"auto"`` (pick by timing, per batch-size bucket and input size), ``"c"``,
+            ``"torch"`` or ``"float"`` (see the module docstring); also settable as ``layer.impl``.
+            Autotuning considers ``"float"`` only for pad values 0 and ±1.
     """
 
     def __init__(
@@ -286,6 +462,7 @@ class PackedBinaryConv2d(_PackedBase):
         pad_value: float = 0.0,
         scale: Tensor | None = None,
         bias: Tensor | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         if weight_words.dtype != torch.int64 or weight_words.dim() != 4:
@@ -308,6 +485,7 @@ class PackedBinaryConv2d(_PackedBase):
         self.register_buffer("weight_words", weight_words.contiguous())
         self._init_affine(scale, bias, self.out_channels)
         self._corr_cache: dict[tuple[int, int, str], Tensor | None] = {}
+        self._init_impl(impl)
 
     @classmethod
     def from_signs(
@@ -319,11 +497,12 @@ class PackedBinaryConv2d(_PackedBase):
         pad_value: float = 0.0,
         scale: Tensor | None = None,
         bias: Tensor | None = None,
+        impl: str = "auto",
     ) -> "PackedBinaryConv2d":
         """Build from an ``(O, C, KH, KW)`` ±1 weight."""
         check_binary(weight, "weight")
         words = pack_words(weight.detach().cpu().permute(0, 2, 3, 1), dim=-1)
-        return cls(words, weight.shape[1], stride, padding, dilation, pad_value, scale, bias)
+        return cls(words, weight.shape[1], stride, padding, dilation, pad_value, scale, bias, impl)
 
     @classmethod
     def from_binary(cls, layer: BinaryConv2d) -> "PackedBinaryConv2d":
@@ -371,38 +550,81 @@ class PackedBinaryConv2d(_PackedBase):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        n, _, h, w = x.shape
-        oh, ow = self.output_size(h, w)
-        corr = self._correction(h, w, x.device)
-        lib = self._c_library(x)
-        y = self._forward_c(lib, x, oh, ow, corr) if lib is not None else self._forward_torch(x, oh, ow, corr)
-        return self._finish(y)
+        y = self._run(self._resolve(x, self._shape_key(x)), x)
+        return self._finish(y) if self._affine else y
 
-    def _forward_c(self, lib, x: Tensor, oh: int, ow: int, corr: Tensor | None) -> Tensor:  # type: ignore[no-untyped-def]
+    def _shape_key(self, x: Tensor) -> tuple[int, ...]:
+        return (x.shape[0], x.shape[2], x.shape[3], int(_channels_last_only(x)))
+
+    def _float_exact(self) -> bool:
+        return self.pad_value in (0.0, 1.0, -1.0) or not any(self.pads)
+
+    def _run(self, impl: str, x: Tensor) -> Tensor:
+        """``(N, C, H, W)`` → ``(N, O, OH, OW)`` sums, before scale and bias."""
+        if impl == "c":
+            return self._forward_c(x)
+        if impl == "float":
+            return self._forward_float(x)
+        oh, ow = self.output_size(x.shape[2], x.shape[3])
+        return self._forward_torch(x, oh, ow, self._correction(x.shape[2], x.shape[3], x.device))
+
+    def _forward_float(self, x: Tensor) -> Tensor:
+        self.output_size(x.shape[2], x.shape[3])  # the size check
+        xs = _sign(x)
+        w = self._float_weight(x.device)
+        left, right, top, bottom = self.pads
+        if self.pad_value == 0.0 and left == right and top == bottom:
+            return F.conv2d(xs, w, None, self.stride, (top, left), self.dilation)
+        if any(self.pads):
+            xs = F.pad(xs, list(self.pads), value=self.pad_value)
+        return F.conv2d(xs, w, None, self.stride, 0, self.dilation)
+
+    def _c_call(self, n: int, h: int, w: int, in_nhwc: bool) -> tuple:  # type: ignore[type-arg]
+        """Per input size: output size, scratch words and the ready-made ctypes arguments of
+        ``fn_conv2d`` except the input, output and scratch pointers (cached)."""
+        blocked = self._blocked()
+        key = (n, h, w, in_nhwc)
+        cache = self.__dict__.get("_c_calls")
+        if cache is None or cache[0] is not blocked:
+            cache = (blocked, {})
+            self.__dict__["_c_calls"] = cache
+        entry = cache[1].get(key)
+        if entry is None:
+            lib = _kernels.load_library()
+            c = self.in_channels
+            oh, ow = self.output_size(h, w)
+            kh, kw = self.kernel_size
+            left, _, top, _ = self.pads
+            full, last = _pad_words(c) if self.pad_value == 1.0 else (0, 0)
+            corr = self._correction(h, w, torch.device("cpu"))
+            if corr is not None:  # the kernel writes channels last, so it wants the correction as (OH, OW, O)
+                corr = corr.permute(1, 2, 0).contiguous()
+            i64, vp = ctypes.c_int64, ctypes.c_void_p
+            mid = tuple(i64(v) for v in (n, c, h, w)) + (vp(blocked.data_ptr()),) + tuple(
+                i64(v) for v in (self.out_channels, kh, kw, self.stride[0], self.stride[1], top, left,
+                                 self.dilation[0], self.dilation[1], oh, ow)
+            ) + (ctypes.c_uint64(_to_u64(full)), ctypes.c_uint64(_to_u64(last)), vp(None if corr is None else corr.data_ptr()))
+            words = int(lib.fn_conv2d_scratch(n, c, h, w, kh, kw, oh, ow))
+            entry = (oh, ow, words, corr, _kernels.fast_function(lib, "fn_conv2d"), mid,
+                     (ctypes.c_int(int(in_nhwc)), ctypes.c_int(1)))
+            if len(cache[1]) > 64:
+                cache[1].clear()
+            cache[1][key] = entry
+        return entry
+
+    def _forward_c(self, x: Tensor) -> Tensor:
         in_nhwc = _channels_last_only(x)
         if in_nhwc:
             x = x if x.dtype == torch.float32 else x.to(torch.float32)
-        else:
-            x = self._as_f32(x)
-        n, c, h, w = x.shape
-        kh, kw = self.kernel_size
-        left, _, top, _ = self.pads
-        full, last = _pad_words(c) if self.pad_value == 1.0 else (0, 0)
-        if corr is not None:  # the kernel writes channels last, so it wants the correction as (OH, OW, O)
-            key = ("nhwc", corr.data_ptr())
-            cached = self.__dict__.get("_corr_nhwc")
-            if cached is None or cached[0] != key:
-                cached = (key, corr.permute(1, 2, 0).contiguous())
-                self.__dict__["_corr_nhwc"] = cached
-            corr = cached[1]
+        elif x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        n, _, h, w = x.shape
+        oh, ow, words, _corr, fn, mid, flags = self._c_call(n, h, w, in_nhwc)
         out = torch.empty(n, self.out_channels, oh, ow, dtype=torch.float32, memory_format=torch.channels_last)
-        scratch = _scratch(lib.fn_conv2d_scratch(n, c, h, w, kh, kw, oh, ow))
-        rc = lib.fn_conv2d(
-            x.data_ptr(), n, c, h, w, self._blocked().data_ptr(), self.out_channels, kh, kw,
-            self.stride[0], self.stride[1], top, left, self.dilation[0], self.dilation[1], oh, ow,
-            _to_u64(full), _to_u64(last), None if corr is None else corr.data_ptr(), out.data_ptr(),
-            int(in_nhwc), 1, scratch.data_ptr(), scratch.numel(), torch.get_num_threads(),
-        )
+        scratch = _scratch(words)
+        vp = ctypes.c_void_p
+        rc = fn(vp(x.data_ptr()), *mid, vp(out.data_ptr()), *flags, vp(scratch.data_ptr()),
+                ctypes.c_int64(scratch.numel()), ctypes.c_int(torch.get_num_threads()))
         if rc != 0:
             raise MemoryError("PackedBinaryConv2d: the C kernel could not allocate its scratch memory")
         return out
