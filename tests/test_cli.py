@@ -86,6 +86,11 @@ def test_train_resume_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -
         (["eval", "/nonexistent/run"], "neither a run folder nor a checkpoint"),
         (["plot", "/nonexistent/run"], "no metrics.jsonl"),
         (["eval", ".", "--batch-size", "0"], "--batch-size must be positive"),
+        (["eval", ".", "--device", "tpu"], "--device tpu is not a device; use auto, cpu, cuda or cuda:N"),
+        (["train", "digits_bop", "optim.binary_kwargs.gama=1"], "no option 'gama'; did you mean 'gamma'?"),
+        (["train", "digits_bop", "optim.real_kwargs.lr=abc"], "lr must be a number, got 'abc'"),
+        (["train", "digits_bop", *TINY, "output.dir=/dev/null/runs"], "set output.dir (or --out) to a writable folder"),
+        (["train", "cifar10_binarynet_smoke", "data.root=/nonexistent/flipnet-data"], "data.root=DIR and data.options.download=true"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv: list[str], piece: str, capsys: pytest.CaptureFixture) -> None:
@@ -94,6 +99,12 @@ def test_bad_input_is_one_line_and_exit_code_2(argv: list[str], piece: str, caps
     assert piece in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"flipnet {argv[0]}: error: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_eval_on_cuda_without_cuda_names_the_eval_flag(capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", ".", "--device", "cuda"]) == 2
+    assert "--device cuda but CUDA is not available here; use --device cpu" in capsys.readouterr().err
 
 
 def test_eval_of_a_corrupt_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -113,6 +124,13 @@ def test_several_seeds_dispatch_to_train_seeds(tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "seed 0: test accuracy" in out and "seed 1: test accuracy" in out
     assert (tmp_path / "multi" / "summary.json").is_file()
+    # the parent folder is not a run: eval, plot and --resume name the seed runs inside it
+    for argv in (["eval", str(tmp_path / "multi")], ["plot", str(tmp_path / "multi")],
+                 ["train", "--resume", str(tmp_path / "multi")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"It holds 2 run folders; give those instead: {tmp_path / 'multi' / 'seed_0'}, " in err, err
+        assert err.count("\n") == 1
 
 
 def test_a_single_seed_in_seeds_is_the_seed(tmp_path: Path) -> None:
@@ -154,3 +172,13 @@ def test_ctrl_c_in_a_subprocess_saves_and_says_how_to_resume(tmp_path: Path) -> 
     assert "Traceback" not in err
     saved = load_checkpoint(last)
     assert saved["epoch"] >= 1 and saved["step"] == saved["epoch"] * 7 + saved["batch_in_epoch"]
+
+
+def test_a_closed_output_pipe_is_not_a_traceback() -> None:
+    """`flipnet recipes | head -1`: the reader leaves before flipnet writes; no traceback, status 141."""
+    proc = subprocess.Popen([sys.executable, "-m", "flipnet", "recipes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    proc.stdout.close()  # before the interpreter has even imported flipnet
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -31,6 +31,33 @@ def test_unknown_name_and_option_are_config_errors() -> None:
     assert issubclass(ConfigError, FlipnetError)
 
 
+def test_dataset_options_is_public_and_misspellings_get_a_suggestion() -> None:
+    from flipnet.data import dataset_options
+
+    assert dataset_options("digits") == {"subset": None, "test_subset": None}
+    assert {"download", "subset", "test_subset"} <= set(dataset_options("Fashion-MNIST"))
+    assert "root" not in dataset_options("cifar10")
+    with pytest.raises(ConfigError, match="unknown data set 'digitz'; did you mean 'digits'\\?"):
+        dataset_options("digitz")
+    with pytest.raises(ConfigError, match="unknown data set 'digitz'; did you mean 'digits'\\?"):
+        load_dataset("digitz")
+    with pytest.raises(ConfigError, match="no option 'sbuset'; did you mean 'subset'\\?"):
+        load_dataset("digits", sbuset=10)
+
+
+def test_dataset_shape_is_known_without_reading_data() -> None:
+    from flipnet.data import dataset_shape
+
+    assert dataset_shape("cifar10") == ((3, 32, 32), 10)  # nothing under ./data is needed
+    assert dataset_shape("mnist", download=True) == ((1, 28, 28), 10)
+    assert dataset_shape("oxford_pets") == ((3, 128, 128), 3)
+    assert dataset_shape("oxford_pets", image_size=(64, 96), task="classification") == ((3, 64, 96), 37)
+    with pytest.raises(ConfigError, match="no option 'imagesize'; did you mean 'image_size'"):
+        dataset_shape("oxford_pets", imagesize=64)
+    with pytest.raises(ConfigError, match="image_size must be"):
+        dataset_shape("oxford_pets", image_size=0)
+
+
 def test_default_root_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FLIPNET_DATA", str(tmp_path))
     assert default_root() == tmp_path

@@ -81,6 +81,13 @@ def test_unknown_option_lists_valid_options() -> None:
         create_model("binarynet", width=3)
 
 
+def test_misspelt_model_name_and_option_get_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet21'; did you mean 'resnet20'\?"):
+        create_model("resnet21")
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) 'hidden' for model 'binary_mlp'; did you mean 'hidden_sizes'\?"):
+        create_model("binary_mlp", hidden=3)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

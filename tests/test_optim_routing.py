@@ -289,3 +289,19 @@ def test_routed_step_with_counting_and_clipping_does_not_sync(binary, kwargs):
         opt.step()
         opt.flip_counts()
     assert opt.num_steps == 2
+
+
+def test_misspelt_optimizer_option_names_the_closest_valid_one():
+    with pytest.raises(ValueError, match=r"it has no option 'gama'; did you mean 'gamma'\? its options are: gamma, threshold$"):
+        create_optimizer(mlp("flip"), "bop", {"gamma": 1e-3, "gama": 1})
+    with pytest.raises(ValueError, match=r"real_kwargs \{'lrr': 1\} do not fit optimizer 'adam': .*did you mean 'lr'\?"):
+        create_optimizer(mlp("flip"), "bop", None, "adam", {"lrr": 1})
+    # count_flips is create_optimizer's own argument, so it is neither listed nor echoed
+    with pytest.raises(ValueError) as info:
+        create_optimizer(mlp("flip"), "cema", {"alpha": 1e-3, "gamma": 0.1, "threshold": 1e-6})
+    assert "no option 'threshold'" in str(info.value) and "count_flips" not in str(info.value)
+
+
+def test_kwargs_of_another_optimizer_get_no_far_fetched_suggestion():
+    with pytest.raises(ValueError, match=r"it has no option 'gamma'; its options are: lr, "):
+        create_optimizer(mlp("latent"), "adam", {"gamma": 1e-3})

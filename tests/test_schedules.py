@@ -171,7 +171,7 @@ def test_schedule_from_dict_examples():
     [
         ({"factor": 0.1}, r"unknown schedule type None; valid types: constant, step, linear, cosine, exponential"),
         ({"type": "poly"}, "unknown schedule type 'poly'"),
-        ({"type": "step", "factor": 0.1, "every": 10, "evry": 3}, r"unknown key\(s\) 'evry' for schedule type 'step'; valid keys: factor, every"),
+        ({"type": "step", "factor": 0.1, "every": 10, "evry": 3}, r"unknown key\(s\) 'evry' for schedule type 'step'; did you mean 'every'\? valid keys: factor, every"),
         ({"type": "step", "factor": 0.1}, r"schedule type 'step' needs key\(s\) 'every'"),
         ({"type": "linear", "end": "zero"}, "end must be a number"),
         ("linear", "must be a mapping"),
@@ -201,3 +201,19 @@ def test_scheduler_from_recipe_entry():
         scheduler_from_dict(opt, {"key": "sigma", "type": "constant"}, epochs=1, steps_per_epoch=1)
     with pytest.raises(ConfigError, match="unit must be one of"):
         scheduler_from_dict(opt, {"key": "gamma", "type": "constant", "unit": "batch"}, epochs=1, steps_per_epoch=1)
+
+
+def test_misspelt_schedule_names_get_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown schedule type 'cosin'; did you mean 'cosine'\? valid types"):
+        schedule_from_dict({"type": "cosin"}, 1.0, 10)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'factr' for schedule type 'step'; did you mean 'factor'\?"):
+        schedule_from_dict({"type": "step", "factr": 0.1, "every": 2}, 1.0, 10)
+
+
+def test_a_misspelt_group_key_gets_a_suggestion_but_a_foreign_one_does_not():
+    model = nn.Sequential(BinaryLinear(4, 3), nn.BatchNorm1d(3))
+    opt = create_optimizer(model, "bop", {"gamma": 1e-3}, "adam", {"lr": 1e-2})
+    with pytest.raises(ValueError, match=r"no parameter group has key 'gama'; did you mean 'gamma'\? keys present"):
+        HyperparamScheduler(opt, "gama", Constant(1.0))
+    with pytest.raises(ValueError, match=r"groups of route 'real' have no key 'gamma'; their keys"):
+        HyperparamScheduler(opt, "gamma", Constant(1.0), route="real")

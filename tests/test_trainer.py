@@ -289,3 +289,24 @@ def test_cifar_smoke_recipe_on_real_cifar10(tmp_path: Path) -> None:
     trainer = Trainer(load_config("cifar10_binarynet_smoke", [f"data.root={root}", f"output.dir={tmp_path}", "train.progress=false"]))
     last = trainer.fit()
     assert last["step"] == 200 and last["test_acc"] > 0.2
+
+
+def test_recipe_model_is_the_trained_model_without_loading_data(tmp_path: Path) -> None:
+    """`recipe_model` (for `flipnet summary RECIPE`) builds what Trainer builds, from dataset_shape."""
+    from flipnet.data import dataset_shape, load_dataset
+    from flipnet.train import recipe_model
+
+    config = tiny(tmp_path)
+    trained = Trainer(config).model
+    built = recipe_model(config)
+    def shapes(m: torch.nn.Module) -> dict[str, Any]:
+        return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in m.state_dict().items()}
+
+    assert shapes(built).keys() == shapes(trained).keys()
+    assert all(shapes(built)[k] == v for k, v in shapes(trained).items() if isinstance(v, tuple))
+    assert built.fc1.in_features == 64  # the 8x8 digits, not the model's default 28x28
+    bundle = load_dataset("synthetic", shape=(3, 6, 5), num_classes=4, num_train=8, num_test=4)
+    assert dataset_shape("synthetic", shape=(3, 6, 5), num_classes=4) == (bundle.input_shape, bundle.num_classes)
+    assert dataset_shape("digits") == (load_dataset("digits").input_shape, 10)
+    smoke = recipe_model(load_config("cifar10_binarynet_smoke"))  # CIFAR-10 is not read
+    assert tuple(smoke.input_shape) == (3, 32, 32)

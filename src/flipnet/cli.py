@@ -3,13 +3,15 @@
 Each feature module exposes ``register_cli(subparsers)``: :mod:`flipnet.train.cli` (``train``,
 ``eval``, ``recipes``, ``plot``), :mod:`flipnet.analysis.cli` and :mod:`flipnet.compress.cli`.
 Errors caused by bad input (:class:`flipnet.errors.FlipnetError`) are printed as one line without
-a traceback and exit with status 2; Ctrl-C exits with status 130.
+a traceback and exit with status 2; Ctrl-C exits with status 130, a closed output pipe
+(``flipnet recipes | head -1``) quietly with status 141.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -58,13 +60,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(func(ns) or 0)
+        status = int(func(ns) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not as an "Exception ignored" at exit
+        return status
     except FlipnetError as e:
         print(f"flipnet {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flipnet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `flipnet recipes | head -1`: the reader left, nothing to report
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
 if __name__ == "__main__":  # pragma: no cover

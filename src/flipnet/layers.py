@@ -71,6 +71,7 @@ __all__ = [
     "named_real_parameters",
     "apply_constraints",
     "set_weight_mode",
+    "explicit_padding",
 ]
 
 WeightMode = Literal["latent", "flip"]
@@ -307,10 +308,15 @@ class BinaryLayer(nn.Module):
         return ", ".join(parts)
 
 
-def _explicit_padding(
+def explicit_padding(
     padding: str | int | Sequence[int], kernel: Sequence[int], dilation: Sequence[int], stride: Sequence[int]
 ) -> list[int]:
-    """Padding as F.pad wants it (last dimension first, (left, right) pairs)."""
+    """A convolution's ``padding`` (``"same"``, ``"valid"``, an int or a tuple) as :func:`F.pad` wants it.
+
+    Returns ``(left, right)`` pairs, last spatial dimension first. ``"same"`` puts the odd pixel
+    on the right, as TensorFlow/larq do. Packed inference (:mod:`flipnet.compress`) pads with this
+    too, so that it pads exactly like the layer it replaces.
+    """
     n = len(kernel)
     if isinstance(padding, str):
         if padding == "valid":
@@ -329,6 +335,9 @@ def _explicit_padding(
     for left, right in reversed(per_dim):
         flat += [left, right]
     return flat
+
+
+_explicit_padding = explicit_padding  # the former private name, still imported by flipnet.compress
 
 
 class _BinaryConvNd(BinaryLayer):

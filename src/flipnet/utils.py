@@ -15,11 +15,31 @@ import torch
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "seed_everything"]
 
 
+def _new_file_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would give: the existing file's, else 0o666 & ~umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    try:  # Linux: read the umask without changing it (os.umask would, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
 
-    A crash (or Ctrl-C) while writing leaves the old file intact and no partial file behind.
+    A crash (or Ctrl-C) while writing leaves the old file intact and no partial file behind. The
+    file gets the permissions a plain ``open(path, "w")`` would give it (``mkstemp`` alone would
+    make it private to its owner).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _new_file_mode(path))
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

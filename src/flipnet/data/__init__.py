@@ -11,6 +11,8 @@ from flipnet.data import cifar10, digits, mnist, pets, svhn, synthetic  # noqa: 
 from flipnet.data.base import (
     DataFormatError,
     DatasetBundle,
+    dataset_options,
+    dataset_shape,
     default_root,
     list_datasets,
     load_dataset,
@@ -27,6 +29,8 @@ __all__ = [
     "GpuLoader",
     "HostLoader",
     "augment_batch",
+    "dataset_options",
+    "dataset_shape",
     "default_root",
     "list_datasets",
     "load_dataset",

@@ -16,13 +16,15 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from flipnet.errors import ConfigError, DataNotFoundError, FlipnetError
+from flipnet.errors import ConfigError, DataFormatError, DataNotFoundError, did_you_mean
 
 __all__ = [
     "DataFormatError",
     "DatasetBundle",
     "DatasetInfo",
     "Task",
+    "dataset_options",
+    "dataset_shape",
     "default_root",
     "list_datasets",
     "load_dataset",
@@ -31,10 +33,6 @@ __all__ = [
 ]
 
 Task = Literal["classification", "segmentation"]
-
-
-class DataFormatError(FlipnetError, ValueError):
-    """A data file exists but is corrupt, truncated or of another format."""
 
 
 def default_root() -> Path:
@@ -142,22 +140,32 @@ class DatasetBundle:
         )
 
 
+#: ``((C, H, W), num_classes)`` of a data set's images, known without loading it.
+ShapeInfo = tuple[tuple[int, int, int], int]
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A registry entry: the loader function and a one-line description."""
+    """A registry entry: the loader function, a one-line description and, when declared, the
+    image shape and class count (fixed, or a function of the loader's options)."""
 
     name: str
     loader: Callable[..., DatasetBundle]
     description: str
+    shape: ShapeInfo | Callable[..., ShapeInfo] | None = None
 
 
 _REGISTRY: dict[str, DatasetInfo] = {}
 
 
 def register_dataset(
-    name: str, description: str = ""
+    name: str, description: str = "", *, shape: ShapeInfo | Callable[..., ShapeInfo] | None = None
 ) -> Callable[[Callable[..., DatasetBundle]], Callable[..., DatasetBundle]]:
-    """Decorator that registers ``fn(root=None, **options) -> DatasetBundle`` under ``name``."""
+    """Decorator that registers ``fn(root=None, **options) -> DatasetBundle`` under ``name``.
+
+    ``shape`` declares ``((C, H, W), num_classes)`` for :func:`dataset_shape`: a fixed pair, or a
+    function that receives every option of ``fn`` but ``root`` (defaults filled in) and returns it.
+    """
 
     def decorate(fn: Callable[..., DatasetBundle]) -> Callable[..., DatasetBundle]:
         if name in _REGISTRY and _REGISTRY[name].loader is not fn:
@@ -165,7 +173,7 @@ def register_dataset(
         if "root" not in inspect.signature(fn).parameters:
             raise TypeError(f"data set loader {fn.__name__} must take a 'root' argument")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = DatasetInfo(name, fn, description or (doc[0] if doc else ""))
+        _REGISTRY[name] = DatasetInfo(name, fn, description or (doc[0] if doc else ""), shape)
         return fn
 
     return decorate
@@ -174,6 +182,58 @@ def register_dataset(
 def list_datasets() -> dict[str, str]:
     """Registered data set names (sorted) mapped to a one-line description."""
     return {name: _REGISTRY[name].description for name in sorted(_REGISTRY)}
+
+
+def _entry(name: str) -> DatasetInfo:
+    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise ConfigError(
+            f"unknown data set {name!r}; {did_you_mean(key, _REGISTRY)}choose one of: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[key]
+
+
+def dataset_options(name: str) -> dict[str, Any]:
+    """The options :func:`load_dataset` takes for data set ``name`` (besides ``root``), with defaults.
+
+    An option without a default maps to :data:`inspect.Parameter.empty`.
+
+    Raises:
+        ConfigError: unknown name (the message lists the registered ones).
+    """
+    params = inspect.signature(_entry(name).loader).parameters
+    return {
+        k: p.default
+        for k, p in params.items()
+        if k != "root" and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
+def dataset_shape(name: str, **options: Any) -> ShapeInfo | None:
+    """``((C, H, W), num_classes)`` that :func:`load_dataset` would give, without reading any data.
+
+    Use it to build the model a recipe trains without loading the data set (``flipnet summary``).
+    ``None`` when the data set does not declare it.
+
+    Raises:
+        ConfigError: unknown name or option, or an invalid option value.
+    """
+    entry = _entry(name)
+    defaults = dataset_options(entry.name)
+    unknown = [k for k in options if k not in defaults]
+    if unknown:
+        raise ConfigError(
+            f"data set {entry.name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"{did_you_mean(unknown[0], defaults)}its options are: {', '.join(defaults) or '(none)'}"
+        )
+    if entry.shape is None:
+        return None
+    if callable(entry.shape):
+        chw, num_classes = entry.shape(**{**defaults, **options})
+    else:
+        chw, num_classes = entry.shape
+    c, h, w = (int(v) for v in chw)
+    return (c, h, w), int(num_classes)
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> DatasetBundle:
@@ -190,18 +250,16 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options: An
         DataNotFoundError: the files are not there (the message says how to get them).
         DataFormatError: the files are there but corrupt or of another format.
     """
-    key = name.strip().lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ConfigError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    fn = _REGISTRY[key].loader
+    entry = _entry(name)
+    key, fn = entry.name, entry.loader
     params = inspect.signature(fn).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in options if k not in params or k == "root"]
     if unknown and not accepts_any:
-        allowed = [p for p in params if p != "root"]
+        allowed = list(dataset_options(key))
         raise ConfigError(
             f"data set {key!r} has no option {', '.join(map(repr, unknown))}; "
-            f"its options are: {', '.join(allowed) or '(none)'}"
+            f"{did_you_mean(unknown[0], allowed)}its options are: {', '.join(allowed) or '(none)'}"
         )
     return fn(root=root, **options)
 

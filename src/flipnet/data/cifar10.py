@@ -429,7 +429,9 @@ def _bundle(arrays: tuple[np.ndarray, ...], info: dict[str, Any]) -> DatasetBund
 
 
 @register_dataset(
-    "cifar10", "CIFAR-10, 3x32x32, 10 classes, 50,000 train / 10,000 test (pickles, download or offline JPEG rebuild)"
+    "cifar10",
+    "CIFAR-10, 3x32x32, 10 classes, 50,000 train / 10,000 test (pickles, download or offline JPEG rebuild)",
+    shape=((3, 32, 32), 10),
 )
 def load_cifar10(
     root: str | os.PathLike | None = None,
@@ -496,7 +498,9 @@ def _download(root: Path) -> None:
         ) from e
 
 
-@register_dataset("cifar10_lossless", "CIFAR-10 original pixels: train[0:4000] / test[0:1000] (offline folder)")
+@register_dataset(
+    "cifar10_lossless", "CIFAR-10 original pixels: train[0:4000] / test[0:1000] (offline folder)", shape=((3, 32, 32), 10)
+)
 def load_cifar10_lossless(
     root: str | os.PathLike | None = None,
     *,

@@ -17,7 +17,7 @@ DIGITS_SPLIT_SEED = 0
 """``random_state`` of the stratified split."""
 
 
-@register_dataset("digits", "scikit-learn 8x8 digits, 1x8x8, 10 classes, 1,437 train / 360 test (offline)")
+@register_dataset("digits", "scikit-learn 8x8 digits, 1x8x8, 10 classes, 1,437 train / 360 test (offline)", shape=((1, 8, 8), 10))
 def load_digits(
     root: str | os.PathLike | None = None,
     *,

@@ -167,7 +167,9 @@ def _download(name: str, root: Path) -> None:
         ) from e
 
 
-@register_dataset("mnist", "MNIST handwritten digits, 1x28x28, 10 classes, 60,000 train / 10,000 test (IDX files)")
+@register_dataset(
+    "mnist", "MNIST handwritten digits, 1x28x28, 10 classes, 60,000 train / 10,000 test (IDX files)", shape=((1, 28, 28), 10)
+)
 def load_mnist(
     root: str | os.PathLike | None = None,
     *,
@@ -188,7 +190,9 @@ def load_mnist(
     )
 
 
-@register_dataset("fashion_mnist", "Fashion-MNIST, 1x28x28, 10 classes, 60,000 train / 10,000 test (IDX files)")
+@register_dataset(
+    "fashion_mnist", "Fashion-MNIST, 1x28x28, 10 classes, 60,000 train / 10,000 test (IDX files)", shape=((1, 28, 28), 10)
+)
 def load_fashion_mnist(
     root: str | os.PathLike | None = None,
     *,

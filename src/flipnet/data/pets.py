@@ -133,8 +133,15 @@ def _decode(
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def _pets_shape(image_size: Any = 128, task: str = "segmentation", **_: Any) -> tuple[tuple[int, int, int], int]:
+    h, w = _image_size(image_size)
+    return (3, h, w), len(PET_MASK_CLASSES) if task == "segmentation" else 37
+
+
 @register_dataset(
-    "oxford_pets", "Oxford-IIIT Pet trimap segmentation (3 classes) or 37 breeds, resized (default 128x128)"
+    "oxford_pets",
+    "Oxford-IIIT Pet trimap segmentation (3 classes) or 37 breeds, resized (default 128x128)",
+    shape=_pets_shape,
 )
 def load_oxford_pets(
     root: str | os.PathLike | None = None,

@@ -58,7 +58,9 @@ def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y
 
 
-@register_dataset("svhn", "SVHN cropped digits, 3x32x32, 10 classes, 73,257 train / 26,032 test (.mat files)")
+@register_dataset(
+    "svhn", "SVHN cropped digits, 3x32x32, 10 classes, 73,257 train / 26,032 test (.mat files)", shape=((3, 32, 32), 10)
+)
 def load_svhn(
     root: str | os.PathLike | None = None,
     *,

@@ -44,7 +44,11 @@ def _segmentation(
     return (x * 255.0).round().clamp_(0, 255).to(torch.uint8), y
 
 
-@register_dataset("synthetic", "seeded random images with a learnable rule; any shape and class count")
+@register_dataset(
+    "synthetic",
+    "seeded random images with a learnable rule; any shape and class count",
+    shape=lambda shape=(1, 8, 8), num_classes=10, **_: (_shape(shape), num_classes),
+)
 def load_synthetic(
     root: str | os.PathLike | None = None,
     *,

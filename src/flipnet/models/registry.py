@@ -24,7 +24,7 @@ from typing import Any, Callable, TypeVar, overload
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..layers import binary_modules
 from .common import ModelSpec
 
@@ -181,7 +181,7 @@ def is_model(name: str) -> bool:
 def model_entry(name: str) -> ModelEntry:
     """The :class:`ModelEntry` of ``name``; an unknown name raises ``ConfigError`` listing the valid ones."""
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {name!r}; {did_you_mean(name, _REGISTRY)}valid models: {', '.join(list_models())}")
     return _REGISTRY[name]
 
 
@@ -233,7 +233,8 @@ def create_model(
     if unknown:
         own = ", ".join(entry.options) or "none"
         raise ConfigError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for model {name!r}; its own options: {own}; "
+            f"unknown option(s) {', '.join(map(repr, unknown))} for model {name!r}; "
+            f"{did_you_mean(unknown[0], [*entry.options, *_CORE_OPTIONS, *SHARED_OPTIONS])}its own options: {own}; "
             f"shared options: {', '.join(_CORE_OPTIONS + SHARED_OPTIONS)}"
         )
     shared.setdefault("bn_momentum", entry.bn_momentum)

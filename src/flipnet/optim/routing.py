@@ -327,6 +327,36 @@ def _normalise(name: str, valid: tuple[str, ...], what: str) -> str:
     return "bop2ndorder" if key == "bop2" else key
 
 
+def _check_kwargs(name: str, cls: Callable[..., Optimizer], kwargs: Mapping[str, Any], route: str) -> None:
+    """Name the first keyword ``cls`` does not take, the closest valid one and all valid ones."""
+    import inspect
+
+    from ..errors import did_you_mean
+
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to check against: let the call decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    # ``count_flips`` is create_optimizer's own argument, not a hyper-parameter of the recipe.
+    valid = [k for k, p in params.items() if k not in ("params", "count_flips", "self")
+             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for key, value in kwargs.items():
+        default = params[key].default if key in params else inspect.Parameter.empty
+        if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            raise ValueError(
+                f"{route}_kwargs {dict(kwargs)!r} do not fit optimizer {name!r}: {key} must be a number, got {value!r}"
+            )
+    for key in kwargs:
+        if key not in params or key == "params":
+            hint = did_you_mean(key, valid, cutoff=0.75)  # strict: 'gamma' is not a typo of 'amsgrad'
+            raise ValueError(
+                f"{route}_kwargs {dict(kwargs)!r} do not fit optimizer {name!r}: it has no option {key!r}; "
+                f"{hint}its options are: {', '.join(valid)}"
+            )
+
+
 def _build(name: str, params: list[Tensor], kwargs: Mapping[str, Any], route: str, count_flips: bool) -> Optimizer:
     from .bop import Bop
     from .bop2 import Bop2ndOrder
@@ -340,7 +370,9 @@ def _build(name: str, params: list[Tensor], kwargs: Mapping[str, Any], route: st
         "adamw": torch.optim.AdamW,
         "sgd": torch.optim.SGD,
     }
+    given = dict(kwargs)
     kwargs = dict(kwargs)
+    _check_kwargs(name, classes[name], given, route)
     if name in ("bop", "bop2ndorder", "cema"):
         kwargs.setdefault("count_flips", count_flips)
     if name == "cema" and not {"alpha", "gamma"} <= set(kwargs):
@@ -351,7 +383,7 @@ def _build(name: str, params: list[Tensor], kwargs: Mapping[str, Any], route: st
     try:
         return classes[name](params, **kwargs)
     except TypeError as err:
-        raise ValueError(f"{route}_kwargs {kwargs!r} do not fit optimizer {name!r}: {err}") from err
+        raise ValueError(f"{route}_kwargs {given!r} do not fit optimizer {name!r}: {err}") from err
 
 
 def create_optimizer(

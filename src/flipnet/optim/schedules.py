@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 __all__ = [
     "Schedule",
@@ -257,12 +257,12 @@ def _select_groups(optimizer: Optimizer, key: str, route: str | None) -> list[di
         missing = [i for i, g in enumerate(groups) if key not in g]
         if missing:
             keys = sorted(k for k in groups[missing[0]] if k != "params")
-            raise ValueError(f"groups of route {route!r} have no key {key!r}; their keys: {', '.join(keys)}")
+            raise ValueError(f"groups of route {route!r} have no key {key!r}; {did_you_mean(key, keys, cutoff=0.75)}their keys: {', '.join(keys)}")
         return groups
     selected = [g for g in groups if key in g]
     if not selected:
         keys = sorted({k for g in groups for k in g if k != "params"})
-        raise ValueError(f"no parameter group has key {key!r}; keys present: {', '.join(keys)}")
+        raise ValueError(f"no parameter group has key {key!r}; {did_you_mean(key, keys, cutoff=0.75)}keys present: {', '.join(keys)}")
     return selected
 
 
@@ -300,13 +300,17 @@ def schedule_from_dict(spec: Mapping[str, Any], initial: float, duration: int) -
         raise ConfigError(f"a schedule must be a mapping with a 'type' key, got {spec!r}")
     kind = spec.get("type")
     if kind not in SCHEDULE_TYPES:
-        raise ConfigError(f"unknown schedule type {kind!r}; valid types: {', '.join(SCHEDULE_TYPES)}")
+        hint = did_you_mean(kind, SCHEDULE_TYPES) if isinstance(kind, str) else ""
+        raise ConfigError(f"unknown schedule type {kind!r}; {hint}valid types: {', '.join(SCHEDULE_TYPES)}")
     required, optional = SCHEDULE_TYPES[kind]
     given = {k: v for k, v in spec.items() if k != "type"}
     unknown = sorted(set(given) - set(required) - set(optional))
     if unknown:
         valid = ", ".join(required + optional) or "(none)"
-        raise ConfigError(f"unknown key(s) {', '.join(map(repr, unknown))} for schedule type {kind!r}; valid keys: {valid}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} for schedule type {kind!r}; "
+            f"{did_you_mean(unknown[0], required + optional)}valid keys: {valid}"
+        )
     missing = [k for k in required if k not in given]
     if missing:
         raise ConfigError(f"schedule type {kind!r} needs key(s) {', '.join(map(repr, missing))}")

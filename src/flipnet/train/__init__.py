@@ -28,7 +28,17 @@ from .config import (
     load_config,
     recipe_path,
 )
-from .loop import Callback, MetricsLogger, Trainer, TrainingDiverged, build_model, evaluate, load_data, load_run
+from .loop import (
+    Callback,
+    MetricsLogger,
+    Trainer,
+    TrainingDiverged,
+    build_model,
+    evaluate,
+    load_data,
+    load_run,
+    recipe_model,
+)
 from .plots import plot_runs, read_metrics
 
 __all__ = [
@@ -57,6 +67,7 @@ __all__ = [
     "load_run",
     "plot_runs",
     "read_metrics",
+    "recipe_model",
     "recipe_path",
     "resolve_checkpoint",
     "save_checkpoint",

@@ -35,6 +35,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "resolve_checkpoint",
+    "inner_runs_hint",
     "get_rng_state",
     "set_rng_state",
 ]
@@ -127,6 +128,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return obj
 
 
+def inner_runs_hint(folder: str | os.PathLike) -> str:
+    """For a folder that holds run folders (``seeds=[...]`` writes ``NAME/seed_0``, ...): a hint
+    naming them, to append to a "not a run folder" message; ``""`` otherwise."""
+    p = Path(folder)
+    try:
+        inner = sorted(d for d in p.iterdir() if d.is_dir() and (d / "config.yaml").is_file())
+    except OSError:
+        return ""
+    if not inner:
+        return ""
+    names = ", ".join(str(d) for d in inner[:3]) + (", ..." if len(inner) > 3 else "")
+    return f" It holds {len(inner)} run folder{'s' if len(inner) > 1 else ''}; give those instead: {names}"
+
+
 def resolve_checkpoint(run_or_file: str | os.PathLike, checkpoint: str = "best") -> Path:
     """The checkpoint file for a run folder (``best`` or ``last``) or a checkpoint path itself.
 
@@ -148,4 +163,6 @@ def resolve_checkpoint(run_or_file: str | os.PathLike, checkpoint: str = "best")
         return want
     if checkpoint == "best" and (folder / "last.pt").is_file():
         return folder / "last.pt"
-    raise CheckpointError(f"{p} has no checkpoints/{checkpoint}.pt; is it a run folder written by flipnet train?")
+    raise CheckpointError(
+        f"{p} has no checkpoints/{checkpoint}.pt; is it a run folder written by flipnet train?{inner_runs_hint(p)}"
+    )

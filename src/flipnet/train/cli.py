@@ -131,7 +131,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
     if ns.batch_size is not None and ns.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {ns.batch_size}")
-    device = resolve_device(ns.device)
+    device = resolve_device(ns.device, option="--device ")
     path = resolve_checkpoint(ns.run, ns.checkpoint)
     config, model = load_run(ns.run, ns.checkpoint, map_location=device)
     if ns.data_root is not None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flipnet.errors import CheckpointError, ConfigError, FlipnetError
+from flipnet.errors import CheckpointError, ConfigError, DataNotFoundError, FlipnetError, TrainingDiverged
 from flipnet.utils import atomic_write_text, seed_everything
 
 from .checkpoint import get_rng_state, load_checkpoint, resolve_checkpoint, save_checkpoint, set_rng_state
@@ -41,6 +41,7 @@ from .config import Config, config_to_dict, dump_config, load_config
 from .distributed import (
     DistInfo,
     all_reduce_sum,
+    barrier,
     broadcast_buffers,
     init_distributed,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "evaluate",
     "load_run",
     "build_model",
+    "recipe_model",
     "load_data",
     "resolve_device",
 ]
@@ -60,10 +62,6 @@ __all__ = [
 #: Param-group keys logged each epoch (per route) when present: learning rate, Bop's γ and τ,
 #: CEMA's σ/α, momentum. Keys that have a schedule in the recipe are logged too.
 HYPERPARAM_KEYS = ("lr", "gamma", "threshold", "tau", "sigma", "alpha", "beta", "momentum")
-
-
-class TrainingDiverged(FlipnetError, ArithmeticError):
-    """The training loss became NaN or infinite; the last good checkpoint was kept."""
 
 
 class Callback:
@@ -91,25 +89,29 @@ class Callback:
 # building blocks shared with `flipnet eval` and `load_run`
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda*`` without CUDA → ConfigError."""
+def resolve_device(device: str, option: str = "train.device=") -> torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda*`` without CUDA → ConfigError.
+
+    ``option`` names the setting in error messages (``"train.device="``, or ``"--device "`` for
+    ``flipnet eval``).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (device in ("cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"{option}{device} is not a device; use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device} but CUDA is not available here; use train.device=cpu or auto")
+        raise ConfigError(f"{option}{device} but CUDA is not available here; use {option}cpu or {option}auto")
     return torch.device(device)
 
 
 def _loader_options(name: str) -> set[str] | None:
-    """Keyword options the data set's reader takes (``None`` when it cannot be told)."""
-    import inspect
+    """Keyword options the data set's reader takes (``None`` for an unknown data set)."""
+    from flipnet.data import dataset_options
 
-    from flipnet.data import base
-
-    entry = getattr(base, "_REGISTRY", {}).get(name.strip().lower().replace("-", "_"))
-    if entry is None:
+    try:
+        return set(dataset_options(name))
+    except ConfigError:  # unknown name: load_dataset reports it with the list of names
         return None
-    return set(inspect.signature(entry.loader).parameters)
 
 
 def load_data(config: Config) -> Any:
@@ -129,7 +131,14 @@ def load_data(config: Config) -> Any:
             if key in options and options[key] != value:
                 raise ConfigError(f"data.{key}={value} and data.options.{key}={options[key]} disagree; set only data.{key}")
             options[key] = value
-    bundle = load_dataset(d.name, root=d.root, **options)
+    try:
+        bundle = load_dataset(d.name, root=d.root, **options)
+    except DataNotFoundError as e:
+        # The reader speaks Python (root=..., download=True); say it in recipe terms too.
+        raise DataNotFoundError(
+            f"{e} In a recipe or override these are data.root=DIR and data.options.download=true "
+            "(flipnet eval: --data.root DIR)."
+        ) from None
     if d.subset is not None or d.test_subset is not None:
         bundle = bundle.subset(d.subset, d.test_subset)
     return bundle
@@ -154,6 +163,24 @@ def build_model(config: Config, num_classes: int, input_shape: Sequence[int]) ->
         h, w = int(input_shape[1]), int(input_shape[2])
         kwargs["input_size"] = h if h == w else [h, w]
     return create_model(config.model.name, **kwargs)
+
+
+def recipe_model(config: Config) -> nn.Module:
+    """The model ``config`` trains, built without loading its data set (e.g. for ``flipnet summary``).
+
+    The image shape and class count come from :func:`flipnet.data.dataset_shape`; the model is
+    the one :class:`Trainer` builds, freshly initialised (``model.init_from`` is not applied).
+
+    Raises:
+        ConfigError: the data set does not declare its shape without being loaded.
+    """
+    from flipnet.data import dataset_shape
+
+    shape = dataset_shape(config.data.name, **config.data.options)
+    if shape is None:
+        raise ConfigError(f"data set {config.data.name!r} does not say its image shape without being loaded")
+    input_shape, num_classes = shape
+    return build_model(config, num_classes, input_shape)
 
 
 def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
@@ -392,8 +419,14 @@ class Trainer:
         self.logger: MetricsLogger | None = None
         self.tb: Any = None
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", dump_config(config))
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.run_dir / "config.yaml", dump_config(config))
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot write the run folder {self.run_dir} ({e.strerror or e}); "
+                    "set output.dir (or --out) to a writable folder"
+                ) from None
             self.logger = MetricsLogger(self.run_dir, keep_until_epoch=self.epoch if ckpt is not None else None)
             self.tb = self._open_tensorboard()
         if t.track_signs:
@@ -660,6 +693,10 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_end(self)
             self._finish_files()
+        # Under DDP, let no rank run ahead (to exit and tear down its process group) while rank 0
+        # still writes the final files. Only after a normal end: after an error the ranks may not
+        # all get here, and torchrun stops the others.
+        barrier()
         return last_row
 
     def _start_line(self) -> str:

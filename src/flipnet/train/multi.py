@@ -889,7 +889,7 @@ def _train_vectorized(configs: Sequence[Any], labels: list[str], group_dir: Path
 
 
 def _diverged(label: str, epoch: int) -> Exception:
-    from .loop import TrainingDiverged
+    from flipnet.errors import TrainingDiverged
 
     return TrainingDiverged(
         f"run {label}: the training loss became NaN/inf in epoch {epoch}; stopped. "

@@ -29,7 +29,11 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise CheckpointError(f"{run_dir} has no metrics.jsonl; give a run folder written by flipnet train")
+        from .checkpoint import inner_runs_hint
+
+        raise CheckpointError(
+            f"{run_dir} has no metrics.jsonl; give a run folder written by flipnet train.{inner_runs_hint(run_dir)}"
+        )
     rows: dict[int, dict[str, Any]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
