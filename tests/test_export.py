@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any, Callable
@@ -314,3 +315,17 @@ def test_cli_summary_of_a_recipe(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["summary", "digits_bop", "--input-size", "2", "1", "8", "8", "--num-classes", "4"]) == 0
     assert "2x4" in capsys.readouterr().out.replace(" ", "")
     assert main(["summary", "digits_bop", "--input-size", "0", "1"]) == 2
+
+
+def test_cli_summary_of_a_recipe_shows_the_model_it_trains(capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression: the summary of digits_bop used the model's default 1x28x28 input (784 inputs,
+    # ~270k parameters) instead of the 8x8 digits the recipe trains on (85,002 parameters).
+    from flipnet.cli import main
+    from flipnet.train import load_config, recipe_model
+
+    model = recipe_model(load_config("digits_bop"))
+    assert sum(p.numel() for p in model.parameters()) == 85_002
+    assert main(["summary", "digits_bop"]) == 0
+    out = capsys.readouterr().out
+    assert "input: 1x1x8x8" in out
+    assert re.search(r"Trainable params\s+85,002\b", out)

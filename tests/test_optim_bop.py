@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 
@@ -12,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flipnet.optim import Bop
+
+from _optim_helpers import no_host_sync, train_split_and_resume
 
 torch.set_num_threads(1)
 
@@ -28,24 +29,6 @@ def reference_bop(w: torch.Tensor, m: torch.Tensor, g: torch.Tensor, gamma: floa
 def _signs(shape, seed):
     gen = torch.Generator().manual_seed(seed)
     return torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0).double()
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    """Make every tensor → Python conversion raise while the block runs."""
-    saved = {}
-
-    def boom(*_a, **_k):
-        raise AssertionError("host synchronisation inside step()")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-        saved[name] = getattr(torch.Tensor, name)
-        setattr(torch.Tensor, name, boom)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
 
 
 @settings(max_examples=40, deadline=None)
@@ -197,26 +180,14 @@ def test_state_dict_round_trip_continues_identically(seed, split):
         w = torch.nn.Parameter(_signs((4, 5), seed).float())
         return w, Bop([w], gamma=0.2, threshold=0.01)
 
-    w_a, opt_a = make()
-    for g in grads:
-        w_a.grad = g.clone()
-        opt_a.step()
+    def through_file(w, state):
+        buf = io.BytesIO()
+        torch.save({"w": w, "opt": state}, buf)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        return saved["w"], copy.deepcopy(saved["opt"])
 
-    w_b, opt_b = make()
-    for g in grads[:split]:
-        w_b.grad = g.clone()
-        opt_b.step()
-    buf = io.BytesIO()
-    torch.save({"w": w_b.detach().clone(), "opt": opt_b.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    w_c, opt_c = make()
-    with torch.no_grad():
-        w_c.copy_(saved["w"])
-    opt_c.load_state_dict(copy.deepcopy(saved["opt"]))
-    for g in grads[split:]:
-        w_c.grad = g.clone()
-        opt_c.step()
+    w_a, opt_a, w_c, opt_c = train_split_and_resume(make, grads, split, transfer=through_file)
     assert torch.equal(w_a.detach(), w_c.detach())
     assert torch.equal(opt_a.state[w_a]["m"], opt_c.state[w_c]["m"])
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 
 import pytest
@@ -12,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flipnet.optim import Bop2ndOrder
+
+from _optim_helpers import no_host_sync, train_split_and_resume
 
 torch.set_num_threads(1)
 
@@ -26,23 +26,6 @@ def reference_bop2(w, m, v, g, gamma, sigma, tau, unbiased):
         score = w * m / (torch.sqrt(v) + 1e-10)
     ambiguous = (score - tau).abs() <= 1e-9 * (1 + abs(tau))
     return torch.where(score > tau, -w, w), m, v, ambiguous
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    saved = {}
-
-    def boom(*_a, **_k):
-        raise AssertionError("host synchronisation inside step()")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-        saved[name] = getattr(torch.Tensor, name)
-        setattr(torch.Tensor, name, boom)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
 
 
 @settings(max_examples=30, deadline=None)
@@ -152,21 +135,6 @@ def test_state_dict_round_trip_continues_identically(seed, split):
         w = torch.nn.Parameter(torch.ones(3, 4))
         return w, Bop2ndOrder([w], gamma=0.1, sigma=0.2, threshold=0.05)
 
-    w_a, opt_a = make()
-    for g in grads:
-        w_a.grad = g.clone()
-        opt_a.step()
-    w_b, opt_b = make()
-    for g in grads[:split]:
-        w_b.grad = g.clone()
-        opt_b.step()
-    state, weights = copy.deepcopy(opt_b.state_dict()), w_b.detach().clone()
-    w_c, opt_c = make()
-    with torch.no_grad():
-        w_c.copy_(weights)
-    opt_c.load_state_dict(state)
-    for g in grads[split:]:
-        w_c.grad = g.clone()
-        opt_c.step()
+    w_a, opt_a, w_c, opt_c = train_split_and_resume(make, grads, split)
     assert torch.equal(w_a.detach(), w_c.detach())
     assert torch.equal(opt_a.state[w_a]["v"], opt_c.state[w_c]["v"])

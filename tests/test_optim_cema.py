@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flipnet.optim import CEMA, HyperparamScheduler, Linear
+
+from _optim_helpers import no_host_sync, train_split_and_resume
 
 torch.set_num_threads(1)
 
@@ -22,23 +21,6 @@ def reference_cema(w, m, inertia, g, alpha, gamma):
     score = inertia * w
     ambiguous = score.abs() <= 1e-12 * (1 + inertia.abs().max())
     return torch.where(score > 0, -w, w), m, inertia, ambiguous
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    saved = {}
-
-    def boom(*_a, **_k):
-        raise AssertionError("host synchronisation inside step()")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-        saved[name] = getattr(torch.Tensor, name)
-        setattr(torch.Tensor, name, boom)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
 
 
 @settings(max_examples=30, deadline=None)
@@ -145,21 +127,6 @@ def test_state_dict_round_trip_continues_identically(seed, split):
         w = torch.nn.Parameter(torch.ones(6))
         return w, CEMA([w], alpha=0.3, gamma=0.4)
 
-    w_a, opt_a = make()
-    for g in grads:
-        w_a.grad = g.clone()
-        opt_a.step()
-    w_b, opt_b = make()
-    for g in grads[:split]:
-        w_b.grad = g.clone()
-        opt_b.step()
-    state, weights = copy.deepcopy(opt_b.state_dict()), w_b.detach().clone()
-    w_c, opt_c = make()
-    with torch.no_grad():
-        w_c.copy_(weights)
-    opt_c.load_state_dict(state)
-    for g in grads[split:]:
-        w_c.grad = g.clone()
-        opt_c.step()
+    w_a, opt_a, w_c, opt_c = train_split_and_resume(make, grads, split)
     assert torch.equal(w_a.detach(), w_c.detach())
     assert torch.equal(opt_a.state[w_a]["inertia"], opt_c.state[w_c]["inertia"])

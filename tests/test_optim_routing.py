@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import warnings
@@ -15,25 +14,9 @@ import flipnet
 from flipnet.layers import BinaryLinear
 from flipnet.optim import CEMA, Bop, Bop2ndOrder, RoutedOptimizer, create_optimizer
 
+from _optim_helpers import no_host_sync
+
 torch.set_num_threads(1)
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    """Make every tensor → Python conversion raise while the block runs."""
-    saved = {}
-
-    def boom(*_a, **_k):
-        raise AssertionError("host synchronisation inside step()")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-        saved[name] = getattr(torch.Tensor, name)
-        setattr(torch.Tensor, name, boom)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
 
 
 def mlp(weight_mode: str = "latent", weight_clip: float | None = None) -> nn.Sequential:

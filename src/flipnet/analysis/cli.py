@@ -21,8 +21,9 @@ trains one recipe with each weight-scale mode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import ConfigError
 
@@ -34,6 +35,17 @@ def _overrides(values: list[str]) -> list[str]:
     if bad:
         raise ConfigError(f"expected key.sub=value recipe overrides, got {' '.join(bad)!r}")
     return values
+
+
+@contextlib.contextmanager
+def _value_errors_as_config_errors() -> Iterator[None]:
+    """Report a ``ValueError`` from an experiment as a :class:`ConfigError` (bad option, exit 2)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _run_dir(path: str) -> Path:
@@ -164,13 +176,9 @@ def cmd_primary(ns: argparse.Namespace) -> int:
     from .primary import primary_experiment
 
     run = _run_dir(ns.run)
-    try:
+    with _value_errors_as_config_errors():
         rows = primary_experiment(run, ns.epochs_k, variants=ns.variants, epochs=ns.epochs,
                                   overrides=_overrides(ns.overrides), out_dir=ns.out)
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(str(e)) from None
     print(f"{'k':>5} {'variant':<8} {'final acc':>9} {'best acc':>9} {'=final signs':>12} {'signs kept':>10}")
     for r in rows:
         kept = "" if r.signs_kept is None else str(r.signs_kept).lower()
@@ -183,13 +191,9 @@ def cmd_qbn(ns: argparse.Namespace) -> int:
     from ..compress.qbn import qbn_sweep
 
     run = _run_dir(ns.run)
-    try:
+    with _value_errors_as_config_errors():
         rows = qbn_sweep(run, ns.bits, epochs=ns.epochs, overrides=_overrides(ns.overrides), distance=ns.distance,
                          checkpoint=ns.checkpoint, out_dir=ns.out, control=not ns.no_control)
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(str(e)) from None
     print(f"{'k':>4} {'bits/w (QBN layers)':>19} {'bits/w (all binary)':>19} {'acc projected':>13} {'acc fine-tuned':>14}")
     for r in rows:
         k = "1bit" if r.k is None else str(r.k)
@@ -201,13 +205,9 @@ def cmd_scaling(ns: argparse.Namespace) -> int:
     """``flipnet scaling``: one training per scale mode."""
     from .scaling import scaling_study
 
-    try:
+    with _value_errors_as_config_errors():
         rows = scaling_study(ns.recipe, scales=ns.scales, seeds=ns.seeds, overrides=_overrides(ns.overrides),
                              out_dir=ns.out)
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(str(e)) from None
     print(f"{'scale':<10} {'seed':>4} {'final acc':>9} {'best acc':>9}")
     for r in rows:
         print(f"{r.scale:<10} {r.seed:>4} {r.final_test_acc:>9.4f} {r.best_test_acc:>9.4f}")

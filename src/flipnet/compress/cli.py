@@ -7,8 +7,9 @@
 
 ``flipnet summary RECIPE_OR_RUN [--input-size N C H W] [--num-classes K]``
     Print the layer table of :func:`flipnet.compress.summary.summary` for a run folder's model or
-    for the model a recipe would build (no data is loaded: the model's default class count, or
-    ``--num-classes``).
+    for the model a recipe trains (no data is loaded: the data set's declared image shape and class
+    count, see :func:`flipnet.train.recipe_model`; ``--input-size``/``--num-classes`` override them;
+    the model's defaults when the data set does not declare its shape).
 """
 
 from __future__ import annotations
@@ -105,16 +106,30 @@ def _model_for_summary(target: str, num_classes: int | None, input_size: Sequenc
         from flipnet.train import load_run
 
         return load_run(path, "best", map_location="cpu")[1]
+    from flipnet.data import dataset_shape
     from flipnet.models import create_model, model_options
-    from flipnet.train import load_config
+    from flipnet.train import build_model, load_config, recipe_model
 
     config = load_config(target)
+    if input_size is not None and len(input_size) < 2:
+        raise ConfigError(f"--input-size needs at least a batch and a channel size, got {list(input_size)}")
+    shape = dataset_shape(config.data.name, **config.data.options)
+    if shape is not None:
+        # The model the recipe trains: the data set's image shape and class count, unless overridden.
+        if num_classes is None and input_size is None:
+            return recipe_model(config)
+        (c, h, w), classes = shape
+        if num_classes is not None:
+            classes = num_classes
+        if input_size is not None:
+            c = int(input_size[1])
+            if len(input_size) == 4:
+                h, w = int(input_size[2]), int(input_size[3])
+        return build_model(config, classes, (c, h, w))
     kwargs = dict(config.model.kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if input_size is not None:
-        if len(input_size) < 2:
-            raise ConfigError(f"--input-size needs at least a batch and a channel size, got {list(input_size)}")
         kwargs.setdefault("in_channels", int(input_size[1]))
         if "input_size" in model_options(config.model.name) and len(input_size) == 4 and "input_size" not in kwargs:
             h, w = int(input_size[2]), int(input_size[3])

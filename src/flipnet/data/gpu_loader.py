@@ -139,6 +139,15 @@ class _PlannedLoader:
             )
         self._epoch = 0
 
+    def _set_output(
+        self, device: torch.device | str | None, dtype: torch.dtype, channels_last: bool, mask_fill: int
+    ) -> None:
+        """Where batches are produced (default: CUDA when available) and how they are finished."""
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.mask_fill = mask_fill
+
     @property
     def epoch(self) -> int:
         """The epoch the next pass will use."""
@@ -228,10 +237,7 @@ class GpuLoader(_PlannedLoader):
             len(x), batch_size, shuffle=shuffle, augment=augment, drop_last=drop_last,
             seed=seed, rank=rank, world_size=world_size, pad=pad,
         )
-        self.device = torch.device(device) if device is not None else _default_device()
-        self.dtype = dtype
-        self.channels_last = channels_last
-        self.mask_fill = mask_fill
+        self._set_output(device, dtype, channels_last, mask_fill)
         self.x = x.to(self.device)
         self.y = _compact_masks(y).to(self.device)
 

@@ -103,10 +103,7 @@ class HostLoader(_PlannedLoader):
         )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.device = torch.device(device) if device is not None else _default_device()
-        self.dtype = dtype
-        self.channels_last = channels_last
-        self.mask_fill = mask_fill
+        self._set_output(device, dtype, channels_last, mask_fill)
         self.num_workers = num_workers
         self.x = x.cpu()
         self.y = _compact_masks(y.cpu())
