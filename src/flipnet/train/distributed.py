@@ -9,10 +9,19 @@ Under DDP every rank holds the same model: gradients are all-reduced (averaged) 
 :class:`~torch.nn.parallel.DistributedDataParallel` before the optimizer step, so flip optimizers
 take the same flips on every rank. Metrics are summed over ranks with :func:`all_reduce_sum`;
 only rank 0 writes files and prints.
+
+Shutdown order matters. A rank that reaches interpreter exit with the gloo process group still
+alive can die with SIGABRT ("terminate called without an active exception") while C++ static
+destructors tear down the group's threads, at random and more often when its peer has already
+gone. So :func:`init_distributed` registers an ``atexit`` hook that destroys the group before the
+interpreter shuts down, whatever the exit path (normal end, exception, ``KeyboardInterrupt``),
+and :meth:`flipnet.train.Trainer.fit` ends with a barrier so no rank leaves while another still
+writes or communicates.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -108,13 +117,38 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device | Non
             if not os.environ.get(var):
                 raise ConfigError(f"WORLD_SIZE={world} but {var} is not set; launch with torchrun --nproc-per-node N -m flipnet train ...")
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
+    _register_exit_hook()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, backend=backend), dev
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group (no-op when none is initialised)."""
+    """Leave the process group (no-op when none is initialised).
+
+    Local and non-blocking, so it is safe on every exit path, errors included; the ordering
+    barrier belongs where all ranks are known to arrive (the end of ``Trainer.fit``). Called
+    again at interpreter exit (see :func:`init_distributed`), so scripts that never call it
+    still shut down cleanly.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_EXIT_HOOK_REGISTERED = False
+
+
+def _destroy_at_exit() -> None:
+    try:
+        cleanup_distributed()
+    except Exception:  # a peer already gone must not turn a clean exit into a traceback
+        pass
+
+
+def _register_exit_hook() -> None:
+    """Destroy the process group before interpreter shutdown (once per process)."""
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        atexit.register(_destroy_at_exit)
+        _EXIT_HOOK_REGISTERED = True
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -657,11 +657,13 @@ class Trainer:
             self._print(self._start_line())
         started = time.perf_counter()
         first_epoch = self.epoch
+        ended = False
         try:
             while self.epoch < t.epochs:
                 last_row = self._train_epoch()
                 if self._stop_shared if self.dist.enabled else self._stop_requested:
                     raise KeyboardInterrupt
+            ended = True
             if self.epoch > first_epoch:
                 best = f"best test accuracy {self.best:.4f}; " if math.isfinite(self.best) else ""
                 self._print(
@@ -693,10 +695,12 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_end(self)
             self._finish_files()
-        # Under DDP, let no rank run ahead (to exit and tear down its process group) while rank 0
-        # still writes the final files. Only after a normal end: after an error the ranks may not
-        # all get here, and torchrun stops the others.
-        barrier()
+            # Under DDP, let no rank run ahead (to exit and tear down its process group, which
+            # makes torchrun stop the others) while rank 0 still writes the final files or the
+            # interrupted run's checkpoint. Only where every rank is known to get here: a normal
+            # end, or a stop all ranks agreed on; after an error torchrun stops the others.
+            if ended or (self.dist.enabled and self._stop_shared):
+                barrier()
         return last_row
 
     def _start_line(self) -> str:
