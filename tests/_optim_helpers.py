@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["no_host_sync", "train_split_and_resume"]
+__all__ = ["no_host_sync", "step_with_meta_hyperparameters", "train_split_and_resume"]
 
 
 @contextlib.contextmanager
@@ -27,6 +27,23 @@ def no_host_sync() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)
+
+
+def step_with_meta_hyperparameters(cls: type, **hyper: Any) -> None:
+    """Step ``cls`` on meta tensors with meta 0-d tensor hyperparameters.
+
+    ``no_host_sync`` patches only the Python methods; a read-back in C++ (e.g. a 0-d tensor
+    passed where an op takes a Scalar) calls ``item()`` there, which raises on meta tensors.
+    """
+    w = torch.nn.Parameter(torch.ones(8, device="meta"))
+    opt = cls([w], **hyper)
+    group = opt.param_groups[0]
+    for key, value in hyper.items():
+        if isinstance(value, float):
+            group[key] = torch.tensor(value, device="meta")
+    for _ in range(2):
+        w.grad = torch.ones(8, device="meta")
+        opt.step()
 
 
 def train_split_and_resume(

@@ -180,6 +180,20 @@ def test_tensorize_leaves_cpu_torch_optimizers_alone():
     assert leaf_optimizers(opt) == [opt]
 
 
+def test_tensorize_converts_integer_flip_hyperparameters():
+    # ``threshold: 0`` in a YAML recipe is an int; left a Python number, a captured graph would
+    # bake it in and never see a schedule's updates
+    from flipnet.optim import Bop2ndOrder
+
+    p = nn.Parameter(torch.randn(5))
+    opt = Bop2ndOrder([p], gamma=1, sigma=1e-2, threshold=0)
+    assert tensorize_hyperparameters(opt) == {"Bop2ndOrder": ["gamma", "sigma", "threshold"]}
+    group = opt.param_groups[0]
+    for key in ("gamma", "sigma", "threshold"):
+        assert isinstance(group[key], torch.Tensor) and group[key].dim() == 0
+    assert group["unbiased"] is False
+
+
 # ------------------------------------------------------------------ compile (slow on CPU)
 @pytest.mark.slow
 def test_compile_step_matches_eager():

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from flipnet.optim import Bop
 
-from _optim_helpers import no_host_sync, train_split_and_resume
+from _optim_helpers import no_host_sync, step_with_meta_hyperparameters, train_split_and_resume
 
 torch.set_num_threads(1)
 
@@ -267,3 +267,8 @@ def test_cuda_step_does_not_sync(name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert set(w.detach().unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_tensor_hyperparameters_are_not_read_back_in_cpp():
+    # torch._foreach_lerp_ takes one weight only as a Scalar: a tensor hyperparameter was .item()-ed in C++
+    step_with_meta_hyperparameters(Bop, gamma=0.1, threshold=1e-3)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from flipnet.optim import CEMA, HyperparamScheduler, Linear
 
-from _optim_helpers import no_host_sync, train_split_and_resume
+from _optim_helpers import no_host_sync, step_with_meta_hyperparameters, train_split_and_resume
 
 torch.set_num_threads(1)
 
@@ -130,3 +130,8 @@ def test_state_dict_round_trip_continues_identically(seed, split):
     w_a, opt_a, w_c, opt_c = train_split_and_resume(make, grads, split)
     assert torch.equal(w_a.detach(), w_c.detach())
     assert torch.equal(opt_a.state[w_a]["inertia"], opt_c.state[w_c]["inertia"])
+
+
+def test_tensor_hyperparameters_are_not_read_back_in_cpp():
+    # torch._foreach_lerp_ takes one weight only as a Scalar: a tensor hyperparameter was .item()-ed in C++
+    step_with_meta_hyperparameters(CEMA, alpha=0.1, gamma=0.1)

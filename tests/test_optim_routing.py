@@ -146,6 +146,16 @@ def test_add_param_group_goes_to_its_route():
         opt.add_param_group({"params": [model[1].weight], "route": "binary"})
 
 
+def test_add_param_group_accepts_a_generator():
+    # the duplicate check must not use up a generator before the route's optimizer sees it
+    model = mlp("flip")
+    opt = create_optimizer(model, "bop", None, "adam", None)
+    extra = [nn.Parameter(torch.tensor([0.3, -0.1])), nn.Parameter(torch.tensor([-2.0]))]
+    opt.add_param_group({"params": (p for p in extra), "route": "real"})
+    assert opt.param_groups[-1]["params"] == extra
+    assert opt.optimizers["real"].param_groups[-1]["params"] == extra
+
+
 def test_closure_is_evaluated_once():
     model = mlp("flip")
     opt = create_optimizer(model, "bop", None, "adam", None)

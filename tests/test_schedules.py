@@ -103,6 +103,18 @@ def test_scheduler_without_route_targets_groups_that_have_the_key():
     assert opt.param_groups[0]["threshold"] == 0.5 and "threshold" not in opt.param_groups[1]
 
 
+def test_lr_schedule_without_route_skips_the_flip_routes_placeholder_lr():
+    # the binary (Bop) route comes first and holds the router's placeholder lr = 0.0: the
+    # schedule must start from Adam's lr, not from 0.0 (which set the real lr to 0 for good)
+    _, opt = routed()
+    sched = scheduler_from_dict(opt, {"key": "lr", "type": "cosine"}, epochs=1, steps_per_epoch=4)
+    assert sched.schedule(0) == pytest.approx(1e-2)
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-2)
+    sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert opt.param_groups[0]["lr"] == 0.0
+
+
 def test_tensor_values_are_updated_in_place():
     w = nn.Parameter(torch.ones(3))
     gamma = torch.tensor(0.5)

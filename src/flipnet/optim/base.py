@@ -74,6 +74,19 @@ def _scalar_value(name: str, value: Any) -> float:
     raise TypeError(f"{name} must be a Python number or a 0-d floating-point tensor, got {type(value).__name__}")
 
 
+def foreach_lerp_(targets: list[Tensor], ends: list[Tensor], weight: Hyperparameter) -> None:
+    """``t ← t + weight·(e − t)`` for every pair, in place, without reading ``weight`` back.
+
+    ``torch._foreach_lerp_`` takes a single weight only as a Scalar, so a 0-d tensor passed
+    there is read back to the host (``.item()`` in C++: a device synchronisation every step,
+    and a failed CUDA-graph capture). A tensor weight goes through the tensor-list overload.
+    """
+    if isinstance(weight, Tensor):
+        torch._foreach_lerp_(targets, ends, [weight] * len(targets))
+    else:
+        torch._foreach_lerp_(targets, ends, weight)
+
+
 class FlipOptimizer(Optimizer):
     r"""Base class of optimizers that train ±1 weights by flipping their signs.
 

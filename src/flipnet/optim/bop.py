@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .base import FlipOptimizer, Hyperparameter, HyperparamRange
+from .base import FlipOptimizer, Hyperparameter, HyperparamRange, foreach_lerp_
 
 __all__ = ["Bop"]
 
@@ -73,7 +73,7 @@ class Bop(FlipOptimizer):
     def _update_moments(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        torch._foreach_lerp_([s["m"] for s in states], grads, group["gamma"])  # m ← m + γ(g − m)
+        foreach_lerp_([s["m"] for s in states], grads, group["gamma"])  # m ← m + γ(g − m)
 
     def _score(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], out: Tensor) -> Tensor:
         return torch.mul(p, state["m"], out=out)  # w·m

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .base import FlipOptimizer, Hyperparameter, HyperparamRange
+from .base import FlipOptimizer, Hyperparameter, HyperparamRange, foreach_lerp_
 
 __all__ = ["Bop2ndOrder", "EPS"]
 
@@ -83,7 +83,7 @@ class Bop2ndOrder(FlipOptimizer):
     def _update_moments(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        torch._foreach_lerp_([s["m"] for s in states], grads, group["gamma"])  # m ← m + γ(g − m)
+        foreach_lerp_([s["m"] for s in states], grads, group["gamma"])  # m ← m + γ(g − m)
         vs = [s["v"] for s in states]
         for v, g in zip(vs, grads):  # v ← v + σ(g² − v), with g² in the scratch buffer
             v.lerp_(torch.mul(g, g, out=self._scratch(v)[0]), group["sigma"])

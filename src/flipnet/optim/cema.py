@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .base import FlipOptimizer, Hyperparameter, HyperparamRange
+from .base import FlipOptimizer, Hyperparameter, HyperparamRange, foreach_lerp_
 
 __all__ = ["CEMA"]
 
@@ -69,8 +69,8 @@ class CEMA(FlipOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         ms = [s["m"] for s in states]
-        torch._foreach_lerp_(ms, grads, group["gamma"])  # m ← m + γ(g − m)
-        torch._foreach_lerp_([s["inertia"] for s in states], ms, group["alpha"])  # I ← I + α(m − I)
+        foreach_lerp_(ms, grads, group["gamma"])  # m ← m + γ(g − m)
+        foreach_lerp_([s["inertia"] for s in states], ms, group["alpha"])  # I ← I + α(m − I)
 
     def _threshold(self, group: dict[str, Any]) -> float:
         return 0.0

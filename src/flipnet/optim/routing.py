@@ -144,7 +144,11 @@ class RoutedOptimizer(Optimizer):
                 f"add_param_group on a RoutedOptimizer needs a 'route' key naming one of "
                 f"{sorted(self.optimizers)}, got {route!r}"
             )
-        for p in ([param_group["params"]] if isinstance(param_group["params"], Tensor) else param_group["params"]):
+        params = param_group["params"]
+        # materialise once: a generator would be used up by the check below
+        params = [params] if isinstance(params, Tensor) else list(params)
+        param_group = {**param_group, "params": params}
+        for p in params:
             if p in self._owner:
                 raise ValueError(self._claimed_twice_message(p, self._owner[p], route))
         opt = self.optimizers[route]

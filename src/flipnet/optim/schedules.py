@@ -260,6 +260,12 @@ def _select_groups(optimizer: Optimizer, key: str, route: str | None) -> list[di
             raise ValueError(f"groups of route {route!r} have no key {key!r}; {did_you_mean(key, keys, cutoff=0.75)}their keys: {', '.join(keys)}")
         return groups
     selected = [g for g in groups if key in g]
+    # A RoutedOptimizer gives groups without an "lr" (flip optimizers) a placeholder lr = 0.0
+    # that nothing reads; without a route, such a group must neither be scheduled nor be the
+    # one whose value a schedule starts from (it would start, and keep, the real lr at 0).
+    owners = {id(g): opt for opt in (getattr(optimizer, "optimizers", None) or {}).values() for g in opt.param_groups}
+    used = [g for g in selected if id(g) not in owners or key in owners[id(g)].defaults]
+    selected = used or selected
     if not selected:
         keys = sorted({k for g in groups for k in g if k != "params"})
         raise ValueError(f"no parameter group has key {key!r}; {did_you_mean(key, keys, cutoff=0.75)}keys present: {', '.join(keys)}")

@@ -152,7 +152,7 @@ def tensorize_hyperparameters(
         if dev is None:
             continue
         if _is_flip_optimizer(opt):
-            candidates = {k for k, v in opt.defaults.items() if isinstance(v, (float, Tensor)) and not isinstance(v, bool)}
+            candidates = {k for k, v in opt.defaults.items() if isinstance(v, (int, float, Tensor)) and not isinstance(v, bool)}
         elif "capturable" in opt.defaults and dev.type == "cuda":
             candidates = set(_TORCH_TENSOR_KEYS)
             for group in opt.param_groups:

@@ -508,9 +508,10 @@ def _build_schedulers(config: Any, optimizer: Any, steps_per_epoch: int) -> list
     epochs = config.train.epochs
     for i, s in enumerate(config.optim.schedules):
         where = f"optim.schedules[{i}]"
-        groups = [g for g in optimizer.param_groups if s.key in g and (s.route is None or g.get("route") == s.route)]
-        if not groups:
-            raise ConfigError(f"{where}: no parameter group of route {s.route or 'any'} has the key {s.key!r}")
+        try:  # the selection of the trainer's scheduler_from_dict (skips placeholder lr = 0.0)
+            groups = S._select_groups(optimizer, s.key, s.route)
+        except ValueError:
+            raise ConfigError(f"{where}: no parameter group of route {s.route or 'any'} has the key {s.key!r}") from None
         initial = groups[0][s.key]
         initial = float(initial.item() if isinstance(initial, Tensor) else initial)
         duration = epochs * steps_per_epoch if s.unit == "step" else epochs
