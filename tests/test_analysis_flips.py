@@ -176,6 +176,21 @@ def test_analysis_errors(tmp_path: Path) -> None:
     (tmp_path / "signs" / "epoch_0001.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read"):
         sign_dynamics(tmp_path)
+    # a snapshot whose shape list does not match its layers, or whose packed signs are not uint8
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    meta = {"format": "flipnet-signs", "version": "1", "epoch": "0", "step": "0",
+            "layers": '["a", "b"]', "shapes": "[[8]]"}
+    save_file({"signs.a": torch.zeros(1, dtype=torch.uint8), "signs.b": torch.zeros(1, dtype=torch.uint8),
+               "step_flips": torch.zeros(0, 2, dtype=torch.int64)}, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match="shapes"):
+        read_snapshot(bad)
+    meta["shapes"] = "[[8], [8]]"
+    save_file({"signs.a": torch.zeros(1, dtype=torch.int64), "signs.b": torch.zeros(1, dtype=torch.uint8),
+               "step_flips": torch.zeros(0, 2, dtype=torch.int64)}, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_snapshot(bad)
     with pytest.raises(ValueError, match="every"):
         SignTracker(every=0)
     with pytest.raises(ValueError, match="binary layers"):

@@ -223,6 +223,14 @@ def _bad_stride(doc: dict) -> None:
     doc["layers"][1]["weight_shape"] = "64x64"
 
 
+def _real_with_tensor_list(doc: dict) -> None:
+    doc["layers"][1].update(type="real_linear", order="bias_scale", tensors=["1.weight_bits"])
+
+
+def _huge_eps(doc: dict) -> None:
+    doc["layers"][2]["eps"] = 10**400
+
+
 @pytest.mark.parametrize(
     "make,message",
     [
@@ -241,6 +249,9 @@ def _bad_stride(doc: dict) -> None:
         (lambda p, g: _write_with_header(p, g, _edit_doc(_bad_threshold)), "shape"),
         (lambda p, g: _write_with_header(p, g, _edit_doc(_bad_stride)), "wrong type"),
         (lambda p, g: _write_with_header(p, g, lambda h: h["3.weight_bits"].update(shape=[64, 16])), "malformed"),
+        # untrusted JSON of the wrong kind must give ExportFormatError, not AttributeError / OverflowError
+        (lambda p, g: _write_with_header(p, g, _edit_doc(_real_with_tensor_list)), "corrupt"),
+        (lambda p, g: _write_with_header(p, g, _edit_doc(_huge_eps)), "corrupt"),
     ],
 )
 def test_malformed_files_raise_export_format_error(tmp_path: Path, good_file: Path, make: Callable, message: str) -> None:
@@ -329,3 +340,30 @@ def test_cli_summary_of_a_recipe_shows_the_model_it_trains(capsys: pytest.Captur
     out = capsys.readouterr().out
     assert "input: 1x1x8x8" in out
     assert re.search(r"Trainable params\s+85,002\b", out)
+
+
+def test_real_conv_with_same_padding_and_reflect_mode_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"), nn.ReLU()).eval()
+    path = tmp_path / "same.safetensors"
+    export_model(model, path)
+    x = torch.randn(2, 3, 5, 6)
+    torch.testing.assert_close(load_exported(path)(x), model(x))
+
+
+def test_qbn_layer_with_oversized_kernels_is_refused(tmp_path: Path) -> None:
+    """Codebook storage expands: a small file must not decode into an arbitrarily large weight."""
+    from safetensors.torch import save_file
+
+    layer = {"type": "binary_conv", "name": "c", "input": {"op": "sign"}, "weight_shape": [1, 1, 1, 4096],
+             "storage": "qbn", "qbn_k": 1, "stride": [1, 1], "padding": [0, 0], "pads": [0, 0, 0, 0],
+             "dilation": [1, 1], "groups": 1, "padding_mode": "zeros", "pad_value": 0.0,
+             "tensors": {"qbn_indices": "0.qbn_indices", "qbn_codebook_bits": "0.qbn_codebook_bits"}}
+    doc = {"format": EXPORT_FORMAT, "version": 1, "model": None, "input_shape": None, "layers": [layer],
+           "folds": [], "extra": {}}
+    path = tmp_path / "big.safetensors"
+    save_file({"0.qbn_indices": torch.zeros(1, dtype=torch.uint8),
+               "0.qbn_codebook_bits": torch.zeros(2, 512, dtype=torch.uint8)},
+              str(path), metadata={"format": EXPORT_FORMAT, "flipnet": json.dumps(doc)})
+    with pytest.raises(ExportFormatError, match="too large"):
+        load_exported(path)

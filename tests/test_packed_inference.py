@@ -179,6 +179,40 @@ def test_without_a_compiler_layers_fall_back_to_torch(monkeypatch: pytest.Monkey
         _kernels.load_library()
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid"), reason="POSIX permissions")
+def test_temp_folder_fallback_refuses_a_folder_others_can_write(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an unwritable cache the kernels are built in the temp folder; a pre-existing folder
+    there that other users can write must not be used (a planted library would be loaded)."""
+    import os
+    import tempfile
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FLIPNET_CACHE_DIR", str(blocker / "kernels"))  # mkdir fails: unwritable cache
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    planted = shared / f"flipnet-kernels-{os.getuid()}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    monkeypatch.setattr(_kernels, "_compiler", lambda: "cc-that-is-never-run")
+    monkeypatch.setattr(_kernels, "_compiler_version", lambda cc: "x")
+    compiled = []
+    monkeypatch.setattr(_kernels, "_compile", lambda cc, flags, target: compiled.append(target) or False)
+    assert _kernels._build_and_load() is None
+    assert not any(t.parent == planted for t in compiled)
+    assert _kernels._private_dir(shared / "fresh") and (shared / "fresh").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(not HAS_C, reason="no C compiler")
+def test_c_kernels_survive_zero_input_features() -> None:
+    """K = 0 used to divide by zero (SIGFPE) in fn_bgemm and write before the im2col buffer."""
+    lin = PackedBinaryLinear(torch.zeros(3, 0, dtype=torch.int64), 0, impl="c")
+    assert torch.equal(lin(torch.zeros(2, 0)), torch.zeros(2, 3))
+    conv = PackedBinaryConv2d(torch.zeros(3, 3, 3, 0, dtype=torch.int64), 0, 1, 1, impl="c")
+    assert torch.equal(conv(torch.zeros(1, 0, 4, 4)), torch.zeros(1, 3, 4, 4))
+
+
 # ----------------------------------------------------------------------------- thresholds
 def _exact_sign(y: int, gamma: float, beta: float, mean: float, var: float, eps: float, s: float, b: float) -> int | None:
     getcontext().prec = 80
@@ -305,6 +339,24 @@ def test_threshold_sign_backends_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLIPNET_KERNELS", "torch")
     assert torch.equal(m(y), expected)
     assert torch.equal(m(y[:, :, 0, 0]), expected[:, :, 0, 0])
+
+
+def test_maxpool_propagates_nan_like_torch(backend: str) -> None:
+    y = torch.randn(2, 3, 9, 9)
+    y[0, 1, 2, 3] = y[1, 2, 0, 0] = y[1, 0, 4, 4] = float("nan")
+    for x in (y, y.contiguous(memory_format=torch.channels_last)):
+        torch.testing.assert_close(MaxPool2d(3, 2)(x), torch.nn.MaxPool2d(3, 2)(x), rtol=0, atol=0, equal_nan=True)
+
+
+def test_threshold_sign_sees_changed_buffers_after_a_call(backend: str) -> None:
+    """load_state_dict (in place) and .double() after a first call must not leave stale kernel inputs."""
+    y = torch.tensor([[3.0, -3.0, 0.0]])
+    m = ThresholdSign(torch.zeros(3), torch.zeros(3, dtype=torch.bool))
+    assert torch.equal(m(y), torch.tensor([[1.0, -1.0, 1.0]]))
+    m.load_state_dict({"threshold": torch.tensor([4.0, -4.0, 0.0]), "flip": torch.tensor([True, False, True])})
+    assert torch.equal(m(y), torch.tensor([[1.0, 1.0, -1.0]]))
+    m.double()
+    assert torch.equal(m(y), torch.tensor([[1.0, 1.0, -1.0]]))
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -184,6 +184,11 @@ def test_stored_round_trip_and_file(tmp_path) -> None:
     t["qbn_indices"] = t["qbn_indices"][:-1]
     with pytest.raises(ValueError, match="expected"):
         QBNStored.from_tensors(t)
+    # negative kernel sizes whose product looks valid must be refused, not crash in decode
+    t = stored["2"].to_tensors()
+    t["qbn_meta"] = torch.tensor([3, -3, -3, *stored["2"].weight_shape], dtype=torch.int64)
+    with pytest.raises(ValueError, match="malformed"):
+        QBNStored.from_tensors(t)
 
 
 def test_state_dict_carries_codebook() -> None:
@@ -246,6 +251,15 @@ def test_apply_qbn_errors_and_options() -> None:
     assert m[2].qbn_codes.tolist() == forced.tolist()
     with pytest.raises(ValueError, match="must hold 4 codes"):
         apply_qbn(m, 2, codebooks={"2": torch.tensor([1, 2, 3])})
+
+
+def test_retargeting_a_qbn_layer_uses_its_own_signs_not_the_old_projection() -> None:
+    m, fresh = _model(), _model()
+    apply_qbn(m, 1)
+    apply_qbn(m, 5)  # re-target with a larger codebook
+    apply_qbn(fresh, 5)
+    for i in (0, 2):
+        assert m[i].qbn_codes.tolist() == fresh[i].qbn_codes.tolist()
 
 
 def test_qbn_sweep_end_to_end(tmp_path) -> None:

@@ -314,8 +314,10 @@ def read_snapshot(path: str | Path) -> SignSnapshot:
         raise
     except Exception as e:  # malformed JSON, missing keys, safetensors errors
         raise CheckpointError(f"cannot read sign snapshot {path}: {e}") from None
+    if len(snap.shapes) != len(layers) or any(s < 0 for shape in snap.shapes for s in shape):
+        raise CheckpointError(f"sign snapshot {path} has {len(snap.shapes)} weight shapes for {len(layers)} layers")
     for p, n in zip(snap.packed, snap.numels):
-        if p.size != math.ceil(n / 8):
+        if p.dtype != np.uint8 or p.size != math.ceil(n / 8):
             raise CheckpointError(f"sign snapshot {path} is truncated or corrupt (packed size mismatch)")
     if snap.step_flips.ndim != 2 or snap.step_flips.shape[1] != len(layers):
         raise CheckpointError(f"sign snapshot {path} has step flips of the wrong shape {snap.step_flips.shape}")

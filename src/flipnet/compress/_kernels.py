@@ -26,6 +26,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -101,6 +102,19 @@ def _compile(cc: str, flags: list[str], target: Path) -> bool:
             os.unlink(tmp)
 
 
+def _private_dir(path: Path) -> bool:
+    """Create ``path`` (mode 0700) if needed; True when it is a folder of ours that others cannot
+    write. In a shared temp folder another user could otherwise plant the library we then load."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+    except OSError:
+        return False
+    if not hasattr(os, "getuid"):
+        return True
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.fn_abi_version.restype = cint
@@ -144,8 +158,9 @@ def _build_and_load() -> ctypes.CDLL | None:
         target = cache_dir() / name
         if not target.exists() and not _compile(cc, flags, target):
             # an unwritable cache folder (read-only home, sandbox): build in the temp folder instead
-            target = Path(tempfile.gettempdir()) / f"flipnet-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}" / name
-            if not target.exists() and not _compile(cc, flags, target):
+            tmp_dir = Path(tempfile.gettempdir()) / f"flipnet-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+            target = tmp_dir / name
+            if not _private_dir(tmp_dir) or (not target.exists() and not _compile(cc, flags, target)):
                 continue
         try:
             lib = _declare(ctypes.CDLL(str(target)))

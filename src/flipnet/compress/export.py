@@ -695,6 +695,8 @@ def _binary_weight(r: _Reader, shape: list[int]) -> Tensor:
         if not 1 <= k <= 8 or len(shape) != 4:
             raise r.fail(f"invalid QBN index width {k} or weight shape {shape}")
         taps = shape[2] * shape[3]
+        if taps > 16:  # QBN codewords are small kernels (codes of at most 16 bits); bounds the decoded size
+            raise r.fail(f"QBN kernels of {shape[2]}x{shape[3]} entries are too large (at most 16)")
         n = shape[0] * shape[1]
         idx_bytes = r.tensor("qbn_indices", torch.uint8, (packed_size(n * k, 8),))
         cb_bits = r.tensor("qbn_codebook_bits", torch.uint8, (1 << k, packed_size(taps, 8)))
@@ -724,9 +726,8 @@ class _RealLayer(nn.Module):
         else:
             c = self.conv
             fn = F.conv1d if self.weight.dim() == 3 else F.conv2d
-            if c["padding_mode"] != "zeros":
-                rev = [p for p in reversed(c["padding"]) for _ in range(2)]
-                out = fn(F.pad(x, rev, mode=c["padding_mode"]), self.weight, b, c["stride"], 0, c["dilation"], c["groups"])
+            if c["padding_mode"] != "zeros":  # "pads": explicit (left, right) pairs, also for padding="same"
+                out = fn(F.pad(x, c["pads"], mode=c["padding_mode"]), self.weight, b, c["stride"], 0, c["dilation"], c["groups"])
             elif c["pad_value"] != 0.0 and any(c["pads"]):
                 out = fn(F.pad(x, c["pads"], value=c["pad_value"]), self.weight, b, c["stride"], 0, c["dilation"], c["groups"])
             else:
@@ -892,7 +893,7 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -
             modules.extend(_build_layer(r))
         except ExportFormatError:
             raise
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError, OverflowError) as err:
             raise r.fail(str(err)) from None
     model = nn.Sequential(*modules).eval().to(device)
     model.export_metadata = doc  # type: ignore[assignment]

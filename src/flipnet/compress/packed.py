@@ -786,25 +786,33 @@ class ThresholdSign(nn.Module):
     def forward(self, y: Tensor) -> Tensor:
         lib = _kernels.load_library() if y.is_cpu and y.dtype == torch.float32 and y.dim() >= 2 else None
         if lib is not None and y.shape[1] == self.threshold.numel():
-            flip = self.__dict__.get("_flip_u8")
-            if flip is None or flip.shape != self.flip.shape:
-                flip = self.flip.to(torch.uint8).contiguous()
-                self.__dict__["_flip_u8"] = flip
+            thr, flip = self._c_params()
             if _channels_last_only(y):
                 out = torch.empty_like(y)  # keeps the channels-last layout
                 lib.fn_threshold_nhwc(y.data_ptr(), y.shape[0] * y.shape[2] * y.shape[3], y.shape[1],
-                                      self.threshold.data_ptr(), flip.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                                      thr.data_ptr(), flip.data_ptr(), out.data_ptr(), torch.get_num_threads())
                 return out
             y = y.contiguous()
             out = torch.empty_like(y)
             hw = y[0, 0].numel() if y.shape[0] and y.shape[1] else 0
-            lib.fn_threshold(y.data_ptr(), y.shape[0], y.shape[1], hw, self.threshold.data_ptr(), flip.data_ptr(),
+            lib.fn_threshold(y.data_ptr(), y.shape[0], y.shape[1], hw, thr.data_ptr(), flip.data_ptr(),
                              out.data_ptr(), torch.get_num_threads())
             return out
         t = _channel_view(self.threshold, y.dim()).to(y.dtype)
         f = _channel_view(self.flip, y.dim())
         one = torch.ones((), dtype=y.dtype, device=y.device)
         return torch.where((y >= t) ^ f, one, -one)
+
+    def _c_params(self) -> tuple[Tensor, Tensor]:
+        """float32 thresholds and uint8 flips for the C kernel, rebuilt when either buffer is replaced
+        or changed in place (``load_state_dict``, ``.double()``)."""
+        t, f = self.threshold, self.flip
+        key = (t, t._version, f, f._version)
+        cached = self.__dict__.get("_c_params_cache")
+        if cached is None or any(a is not b if isinstance(a, Tensor) else a != b for a, b in zip(cached[0], key)):
+            cached = (key, t.to(torch.float32).contiguous(), f.to(torch.uint8).contiguous())
+            self.__dict__["_c_params_cache"] = cached
+        return cached[1], cached[2]
 
     def extra_repr(self) -> str:
         return f"channels={self.threshold.numel()}, flipped={int(self.flip.sum())}"

@@ -283,7 +283,9 @@ def apply_qbn(
         if codebooks is not None and name in codebooks:
             codes = torch.as_tensor(codebooks[name], dtype=torch.int64)
         else:
-            codes = select_codebook(encode_kernels(m.binary_weight().reshape(-1, 3, 3)).cpu(), k)
+            # the layer's own signs: for a layer already under QBN, binary_weight() would give the
+            # projected kernels, i.e. at most the old codebook's 2^k' codes
+            codes = select_codebook(encode_kernels(BinaryConv2d.binary_weight(m).reshape(-1, 3, 3)).cpu(), k)
         if not isinstance(m, QBNConv2d):
             m.__class__ = QBNConv2d
         assert isinstance(m, QBNConv2d)
@@ -434,6 +436,8 @@ class QBNStored:
         if len(meta) < 4:
             raise ValueError(f"QBN metadata for {prefix!r} is malformed")
         k, kh, kw, shape = meta[0], meta[1], meta[2], tuple(meta[3:])
+        if kh < 1 or kw < 1 or any(s < 0 for s in shape):
+            raise ValueError(f"QBN metadata for {prefix!r} is malformed (kernel {kh}×{kw}, weight shape {shape})")
         _check_k(k, kh * kw)
         if len(codebook) != 1 << k:
             raise ValueError(f"QBN codebook for {prefix!r} holds {len(codebook)} codes, expected {1 << k}")

@@ -132,7 +132,7 @@ void fn_im2col(const uint64_t *xp, int64_t N, int64_t H, int64_t W, int64_t Cw, 
                 uint64_t *dst = row + (kh * KW + kw) * Cw;
                 if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
                     for (int64_t c = 0; c < Cw - 1; c++) dst[c] = pad_full;
-                    dst[Cw - 1] = pad_last;
+                    if (Cw > 0) dst[Cw - 1] = pad_last;
                 } else {
                     const uint64_t *src = xp + ((n * H + ih) * W + iw) * Cw;
                     for (int64_t c = 0; c < Cw; c++) dst[c] = src[c];
@@ -213,7 +213,7 @@ void fn_bgemm(const uint64_t *A, int64_t M, int64_t Kw, const uint64_t *wt, int6
     int64_t MB = (M + FN_PBLOCK - 1) / FN_PBLOCK;
     /* Tiles: a pixel block times a chunk of output blocks. A chunk's weights (about 64 KiB at most)
      * stay in L1/L2 while the pixel blocks stream past; the A rows of a tile stay in L1. */
-    int64_t chunk = 65536 / (Kw * FN_OBLOCK * (int64_t)sizeof(uint64_t));
+    int64_t chunk = Kw > 0 ? 65536 / (Kw * FN_OBLOCK * (int64_t)sizeof(uint64_t)) : OB; /* Kw = 0: no input */
     if (chunk < 1) chunk = 1;
     if (chunk > OB) chunk = OB;
     int64_t OC = (OB + chunk - 1) / chunk;
@@ -318,7 +318,7 @@ void fn_threshold(const float *y, int64_t N, int64_t C, int64_t HW, const float 
 
 /* Max pooling without padding, dilation 1, floor mode: y (N, C, H, W) -> out (N, C, OH, OW).
  * Branch-free (a select per element): the data-dependent branches of a plain max loop mispredict
- * about half the time on real activations. For finite inputs the result equals PyTorch's. */
+ * about half the time on real activations. The result equals PyTorch's, NaN included. */
 void fn_maxpool2d(const float *y, int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t SH,
                   int64_t SW, int64_t OH, int64_t OW, float *out, int nthreads) {
     (void)nthreads;
@@ -338,7 +338,7 @@ void fn_maxpool2d(const float *y, int64_t N, int64_t C, int64_t H, int64_t W, in
                 for (int64_t j = 0; j < KW; j++) {
                     for (int64_t ow = 0; ow < OW; ow++) {
                         float v = row[ow * SW + j];
-                        orow[ow] = v > orow[ow] ? v : orow[ow];
+                        orow[ow] = (v > orow[ow] || v != v) ? v : orow[ow]; /* NaN propagates, as in PyTorch */
                     }
                 }
             }
@@ -380,7 +380,7 @@ void fn_maxpool2d_nhwc(const float *y, int64_t N, int64_t H, int64_t W, int64_t 
         for (int64_t i = 0; i < KH; i++)
             for (int64_t j = 0; j < KW; j++) {
                 const float *v = first + (i * W + j) * C;
-                for (int64_t c = 0; c < C; c++) o[c] = v[c] > o[c] ? v[c] : o[c];
+                for (int64_t c = 0; c < C; c++) o[c] = (v[c] > o[c] || v[c] != v[c]) ? v[c] : o[c];
             }
     }
 }
