@@ -211,6 +211,20 @@ def test_corrupt_checkpoints_raise_checkpoint_error(tmp_path: Path, damage: str,
     assert "\n" not in str(info.value)
 
 
+def test_damaged_pickle_inside_a_checkpoint_is_a_checkpoint_error(tmp_path: Path) -> None:
+    # A flipped byte in data.pkl can make the weights-only unpickler raise KeyError (unknown
+    # memo index); that is a corrupt file, not a traceback.
+    import zipfile
+
+    path = tmp_path / "memo.pt"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02h\x05.")  # BINGET 5 with an empty memo
+        z.writestr("archive/byteorder", b"little")
+        z.writestr("archive/version", b"3\n")
+    with pytest.raises(CheckpointError, match="corrupt or not a flipnet checkpoint"):
+        load_checkpoint(path)
+
+
 def test_resume_from_a_corrupt_last_checkpoint_fails_clearly(tmp_path: Path, uninterrupted: tuple[Path, dict]) -> None:
     run, _ = uninterrupted
     copy = tmp_path / "copy"
@@ -260,6 +274,37 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
     assert torch.equal(expected[0], got[0])
     assert np.array_equal(expected[1], got[1])
     assert expected[2:] == got[2:]
+
+
+class _OnDevice:
+    """Stands in for a CUDA tensor (what ``load_checkpoint(map_location="cuda")`` gives):
+    ``.numpy()`` fails until it is copied to the host with ``.cpu()``."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def cpu(self) -> torch.Tensor:
+        return self.t
+
+    def tolist(self) -> list:
+        return self.t.tolist()
+
+    def numpy(self) -> np.ndarray:
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first")
+
+
+def test_rng_state_restores_from_a_checkpoint_loaded_onto_the_device() -> None:
+    # Trainer(resume=...) loads the checkpoint with map_location=its device, so on CUDA the saved
+    # RNG tensors arrive there; restoring them must not fail with "RNG state is malformed".
+    np.random.seed(4)
+    state = get_rng_state()
+    expected = np.random.rand(4)
+    state["torch"] = _OnDevice(state["torch"])
+    state["numpy"]["keys"] = _OnDevice(state["numpy"]["keys"])
+    state["python"]["state"] = _OnDevice(state["python"]["state"])
+    np.random.seed(99)
+    set_rng_state(state)
+    assert np.array_equal(np.random.rand(4), expected)
 
 
 def test_malformed_rng_state_is_a_checkpoint_error() -> None:

@@ -138,6 +138,13 @@ def test_a_single_seed_in_seeds_is_the_seed(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["config"]["seed"] == 3
 
 
+def test_out_folder_named_like_a_number_or_bool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --out is a folder name, never YAML: "2024" must not become the integer 2024.
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "output.name=n", "--out", "2024"]) == 0
+    assert (tmp_path / "2024" / "n" / "checkpoints" / "last.pt").is_file()
+
+
 def test_python_dash_m_flipnet_runs_the_default_recipe(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "flipnet", "train", *TINY, "output.name=sub", "--out", str(tmp_path)],

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import tarfile
 import time
 import warnings
@@ -124,6 +125,28 @@ def test_truncated_and_foreign_pickles_raise_clear_errors(tmp_path: Path) -> Non
     _write_batch(folder / "data_batch_3", np.zeros((2, 3, 32, 32), np.uint8), np.array([1, 10]))
     with pytest.raises(DataFormatError, match="0..9"):
         load_dataset("cifar10", root=tmp_path)
+
+
+def test_corrupt_pickle_bytes_raise_data_format_error(tmp_path: Path) -> None:
+    # Damaged length fields, encodings or keys must give the one-line DataFormatError, not a
+    # MemoryError/OverflowError/LookupError/TypeError traceback.
+    x = np.zeros((2, 3, 32, 32), np.uint8)
+    C.write_cifar_batch(tmp_path / "ok", x, np.array([1, 2]), "t")
+    raw = (tmp_path / "ok").read_bytes()
+    i = next(pos for op, _, pos in pickletools.genops(raw) if op.name == "FRAME")
+    huge = raw[: i + 1] + (2**62).to_bytes(8, "little") + raw[i + 9 :]  # MemoryError
+    overflow = raw[: i + 1] + b"\xff" * 8 + raw[i + 9 :]  # OverflowError
+    with open(tmp_path / "enc", "wb") as f:  # protocol 2 stores bytes via _codecs.encode(..., "latin1")
+        pickle.dump({"data": x.reshape(2, -1), "labels": [1, 2]}, f, protocol=2)
+    bad_enc = (tmp_path / "enc").read_bytes().replace(b"latin1", b"lxtin1")  # LookupError
+    with open(tmp_path / "keys", "wb") as f:
+        pickle.dump({1: 2, "a": 3}, f, protocol=2)
+    for name, data in (("huge", huge), ("overflow", overflow), ("enc", bad_enc)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataFormatError, match=name):
+            C.read_cifar_batch(tmp_path / name)
+    with pytest.raises(DataFormatError, match="expected keys"):
+        C.read_cifar_batch(tmp_path / "keys")
 
 
 class _Evil:

@@ -233,6 +233,21 @@ def test_existing_run_folder_is_not_overwritten(tmp_path: Path) -> None:
         Trainer(tiny(tmp_path, "train.epochs=1"))
 
 
+def test_named_run_folder_check_is_rank_0_only(tmp_path: Path) -> None:
+    # Under torchrun rank 0 writes RUN/metrics.jsonl in its __init__; another rank reaching the
+    # "already holds a run" check later must join that folder, not fail.
+    from types import SimpleNamespace
+
+    config = tiny(tmp_path, "train.epochs=1")
+    run_dir = Path(config.output.dir) / config.output.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("")
+    other_rank = SimpleNamespace(config=config, is_main=False, dist=SimpleNamespace(enabled=True))
+    assert Trainer._new_run_dir(other_rank) == run_dir  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer._new_run_dir(SimpleNamespace(config=config, is_main=True, dist=SimpleNamespace(enabled=True)))  # type: ignore[arg-type]
+
+
 def test_unnamed_runs_get_unique_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import flipnet.train.loop as loop
 

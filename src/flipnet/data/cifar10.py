@@ -115,7 +115,10 @@ def _unpickle(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             return _ArrayUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (
+        pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+        LookupError, OverflowError, MemoryError,  # corrupt opcodes, encodings or lengths
+    ) as e:
         raise DataFormatError(
             f"{path} is not a readable CIFAR pickle ({short_reason(e)}); "
             "delete it and rebuild or re-download the data set"
@@ -135,7 +138,7 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     batch = _unpickle(path)
     if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        keys = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
         raise DataFormatError(f"{path} is not a CIFAR-10 batch (expected keys 'data' and 'labels', got {keys})")
     data = batch["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:

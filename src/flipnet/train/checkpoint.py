@@ -74,7 +74,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     try:
         torch.set_rng_state(state["torch"].cpu())
         n = state["numpy"]
-        keys = n["keys"].numpy().astype(np.uint32)
+        keys = n["keys"].cpu().numpy().astype(np.uint32)  # the trainer loads onto its device (map_location)
         np.random.set_state((n["name"], keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached_gaussian"])))
         p = state["python"]
         random.setstate((int(p["version"]), tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
@@ -109,7 +109,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path} does not exist; give a run folder or a .pt file written by flipnet train")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (
+        RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
+        KeyError, IndexError, OverflowError, MemoryError,  # damaged pickle opcodes or lengths
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a flipnet checkpoint ({first[:200]}); "

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     recipe, overrides = _split_train_args(ns.args)
     if ns.out:
-        overrides.append(f"output.dir={ns.out}")
+        # Quoted (JSON is YAML): a folder named 2024, yes or null stays a string.
+        overrides.append(f"output.dir={json.dumps(ns.out)}")
     if ns.resume:
         if recipe is not None:
             raise ConfigError("give either a recipe or --resume RUN (a resumed run uses its own config.yaml), not both")

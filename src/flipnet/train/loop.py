@@ -443,7 +443,9 @@ class Trainer:
         out = self.config.output
         if out.name:
             run_dir = Path(out.dir) / out.name
-            if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
+            # Rank 0 alone checks: under DDP it may already have created this run's files.
+            exists = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
+            if self.is_main and exists:
                 raise ConfigError(
                     f"run folder {run_dir} already holds a run; continue it with `flipnet train --resume {run_dir}` "
                     "or choose another output.name"
