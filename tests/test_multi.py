@@ -26,6 +26,7 @@ from flipnet.train.multi import (
     train_seeds,
     train_sweep,
 )
+from flipnet.train.plots import read_metrics
 
 torch.set_num_threads(1)
 
@@ -134,6 +135,11 @@ def test_vectorised_seeds_equal_separate_runs(tmp_path, binary):
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-12)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["flip_ratio"] == pytest.approx(b["flip_ratio"], rel=1e-6)
+        # the same hyper-parameter columns as a single run (no router lr placeholder on flip routes)
+        rows_a, rows_b = read_metrics(Path(a["run_dir"])), read_metrics(Path(b["run_dir"]))
+        hp_a = {k: v for k, v in rows_a[-1].items() if "/" in k and not k.startswith("flip_ratio/")}
+        hp_b = {k: v for k, v in rows_b[-1].items() if "/" in k and not k.startswith("flip_ratio/")}
+        assert hp_a and hp_a == pytest.approx(hp_b)
         wa = load_checkpoint(Path(a["run_dir"]) / "checkpoints" / "last.pt")["model"]
         wb = load_checkpoint(Path(b["run_dir"]) / "checkpoints" / "last.pt")["model"]
         for k, v in wa.items():

@@ -64,6 +64,33 @@ __all__ = [
 HYPERPARAM_KEYS = ("lr", "gamma", "threshold", "tau", "sigma", "alpha", "beta", "momentum")
 
 
+def hyperparameter_values(optimizer: Any, scheduled: Iterable[tuple[str | None, str]] = ()) -> dict[str, float]:
+    """Current hyper-parameter values of ``optimizer``, keyed ``<route>/<key>`` (first group per route).
+
+    A flip optimizer's route logs its declared hyper-parameters (Bop: γ and τ; CEMA: α, γ, ...),
+    never the router's ``lr`` placeholder; other routes log the keys of :data:`HYPERPARAM_KEYS`
+    they have; ``scheduled`` ``(route, key)`` pairs (route ``None``: every route) are always logged.
+    """
+    routes = getattr(optimizer, "optimizers", None)
+    scheduled = set(scheduled)
+    out: dict[str, float] = {}
+    for g in optimizer.param_groups:
+        route = g.get("route", "all")
+        leaf = routes.get(route) if isinstance(routes, dict) else None
+        declared = getattr(leaf, "hyperparameters", None)
+        keys = set(declared) if declared else set(HYPERPARAM_KEYS)
+        keys |= {k for r, k in scheduled if r in (None, route)}
+        for k in sorted(keys):
+            name = f"{route}/{k}"
+            if k in g and name not in out:
+                v = g[k]
+                if isinstance(v, Tensor) and v.numel() == 1:
+                    out[name] = float(v.item())
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[name] = float(v)
+    return out
+
+
 class Callback:
     """Hooks into :class:`Trainer`. Override the ones you need; each receives the trainer.
 
@@ -590,27 +617,9 @@ class Trainer:
     def hyperparameters(self) -> dict[str, float]:
         """Current values of the logged hyper-parameters, keyed ``<route>/<key>`` (first group per route).
 
-        A flip optimizer's route logs its declared hyper-parameters (Bop: γ and τ; CEMA: α, γ, ...);
-        other routes log ``lr``/``momentum`` where present; scheduled keys are always logged.
+        See :func:`hyperparameter_values`.
         """
-        routes = getattr(self.optimizer, "optimizers", None)
-        scheduled = {(s.route, s.key) for s in self.config.optim.schedules}
-        out: dict[str, float] = {}
-        for g in self.optimizer.param_groups:
-            route = g.get("route", "all")
-            leaf = routes.get(route) if isinstance(routes, dict) else None
-            declared = getattr(leaf, "hyperparameters", None)
-            keys = set(declared) if declared else set(HYPERPARAM_KEYS)
-            keys |= {k for r, k in scheduled if r in (None, route)}
-            for k in sorted(keys):
-                name = f"{route}/{k}"
-                if k in g and name not in out:
-                    v = g[k]
-                    if isinstance(v, Tensor) and v.numel() == 1:
-                        out[name] = float(v.item())
-                    elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                        out[name] = float(v)
-        return out
+        return hyperparameter_values(self.optimizer, ((s.route, s.key) for s in self.config.optim.schedules))
 
     # ----------------------------------------------------------------- training
     _bar: Any = None

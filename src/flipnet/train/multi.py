@@ -525,24 +525,6 @@ def _build_schedulers(config: Any, optimizer: Any, steps_per_epoch: int) -> list
     return out
 
 
-def _hyperparameters(optimizer: Any, extra: Iterable[str]) -> dict[str, float]:
-    from .loop import HYPERPARAM_KEYS
-
-    keys = set(HYPERPARAM_KEYS) | set(extra)
-    out: dict[str, float] = {}
-    for g in optimizer.param_groups:
-        route = g.get("route", "all")
-        for k in sorted(keys):
-            name = f"{route}/{k}"
-            if k in g and name not in out:
-                v = g[k]
-                if isinstance(v, Tensor) and v.numel() == 1:
-                    out[name] = float(v.item())
-                elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                    out[name] = float(v)
-    return out
-
-
 def _member_label(config: Any, sweep_key: str | None) -> str:
     label = f"seed_{config.seed}"
     if sweep_key is not None:
@@ -721,7 +703,7 @@ def _train_vectorized(configs: Sequence[Any], labels: list[str], group_dir: Path
     from .checkpoint import get_rng_state, save_checkpoint
     from .config import config_to_dict, dump_config
     from .fast import make_train_step
-    from .loop import MetricsLogger, _load_init_weights, build_model, load_data, resolve_device
+    from .loop import MetricsLogger, _load_init_weights, build_model, hyperparameter_values, load_data, resolve_device
 
     base = configs[0]
     t = base.train
@@ -795,7 +777,7 @@ def _train_vectorized(configs: Sequence[Any], labels: list[str], group_dir: Path
     all_rows: list[dict[str, Any]] = []
     last_rows: list[dict[str, Any]] = [{} for _ in range(s)]
     member_time = [0.0] * s
-    extra_keys = {sc.key for c in configs for sc in c.optim.schedules}
+    scheduled = {(sc.route, sc.key) for c in configs for sc in c.optim.schedules}
     for epoch in range(t.epochs):
         t0 = time.perf_counter()
         ensemble.train()
@@ -820,7 +802,7 @@ def _train_vectorized(configs: Sequence[Any], labels: list[str], group_dir: Path
                     if getattr(sch, "unit", "step") == "step":
                         sch.step()
         loss_tot, correct_tot = sums.double().tolist()
-        hparams = [_hyperparameters(opt, extra_keys) for opt in optimizers]
+        hparams = [hyperparameter_values(opt, scheduled) for opt in optimizers]
         for member in schedulers:
             for sch in member:
                 if getattr(sch, "unit", "step") == "epoch":
