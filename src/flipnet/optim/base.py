@@ -74,6 +74,16 @@ def _scalar_value(name: str, value: Any) -> float:
     raise TypeError(f"{name} must be a Python number or a 0-d floating-point tensor, got {type(value).__name__}")
 
 
+def counts_snapshot(param_groups: Iterable[Mapping[str, Any]], counts: Mapping[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+    """Copies of the on-device counters of every parameter in ``param_groups`` (0 where none yet)."""
+    out: dict[Tensor, Tensor] = {}
+    for group in param_groups:
+        for p in group["params"]:
+            c = counts.get(p)
+            out[p] = c.clone() if c is not None else torch.zeros((), dtype=torch.int64, device=p.device)
+    return out
+
+
 def foreach_lerp_(targets: list[Tensor], ends: list[Tensor], weight: Hyperparameter) -> None:
     """``t ← t + weight·(e − t)`` for every pair, in place, without reading ``weight`` back.
 
@@ -260,12 +270,7 @@ class FlipOptimizer(Optimizer):
         Every parameter of every group is present (0 where it never had a gradient). The
         tensors are copies; reading them (``.item()``, ``.tolist()``) is what synchronises.
         """
-        out: dict[Tensor, Tensor] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                c = self._flip_counts.get(p)
-                out[p] = c.clone() if c is not None else torch.zeros((), dtype=torch.int64, device=p.device)
-        return out
+        return counts_snapshot(self.param_groups, self._flip_counts)
 
     @property
     def num_steps(self) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .base import FlipOptimizer
+from .base import FlipOptimizer, counts_snapshot
 
 __all__ = [
     "RoutedOptimizer",
@@ -242,10 +242,7 @@ class RoutedOptimizer(Optimizer):
             if isinstance(opt, FlipOptimizer):
                 out.update(opt.flip_counts())
             elif name in self.count_flips_routes:
-                for g in opt.param_groups:
-                    for p in g["params"]:
-                        c = self._latent_counts.get(p)
-                        out[p] = c.clone() if c is not None else torch.zeros((), dtype=torch.int64, device=p.device)
+                out.update(counts_snapshot(opt.param_groups, self._latent_counts))
         return out
 
     @property
