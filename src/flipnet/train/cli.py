@@ -129,20 +129,21 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     """``flipnet eval``: load a run's checkpoint and print its test accuracy."""
     from flipnet.train.checkpoint import load_checkpoint, resolve_checkpoint
     from flipnet.train.distributed import DistInfo
-    from flipnet.train.loop import _amp_dtype, _make_loader, evaluate, load_data, load_run, resolve_device
+    from flipnet.train.loop import _amp_dtype, _make_loader, evaluate, load_data, model_from_checkpoint, resolve_device
 
     if ns.batch_size is not None and ns.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {ns.batch_size}")
     device = resolve_device(ns.device, option="--device ")
     path = resolve_checkpoint(ns.run, ns.checkpoint)
-    config, model = load_run(ns.run, ns.checkpoint, map_location=device)
+    ckpt = load_checkpoint(path, map_location=device)
+    config, model = model_from_checkpoint(ckpt, path, ns.run, device)
     if ns.data_root is not None:
         config.data.root = ns.data_root
     bundle = load_data(config)
     loader = _make_loader(bundle, "test", ns.batch_size or config.data.eval_batch_size, train=False,
                           device=device, augment=False, seed=config.seed, dist_info=DistInfo())
     result = evaluate(model, loader, device, _amp_dtype(config.train.amp, device))
-    epoch = load_checkpoint(path).get("epoch")
+    epoch = ckpt.get("epoch")
     print(f"test accuracy {result['acc']:.4f} (loss {result['loss']:.4f}, {result['n']} examples; "
           f"{path}, epoch {epoch})")
     return 0

@@ -939,7 +939,13 @@ def load_run(
         CheckpointError: no such run, or a corrupt checkpoint.
     """
     path = resolve_checkpoint(run_dir, checkpoint)
-    ckpt = load_checkpoint(path, map_location=map_location)
+    return model_from_checkpoint(load_checkpoint(path, map_location=map_location), path, run_dir, map_location)
+
+
+def model_from_checkpoint(
+    ckpt: dict, path: str | os.PathLike, run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[Config, nn.Module]:
+    """``(config, model)`` from an already loaded checkpoint ``ckpt`` read from ``path`` (see :func:`load_run`)."""
     raw = ckpt.get("config")
     cfg_file = Path(run_dir) / "config.yaml"
     if raw is None and cfg_file.is_file():
