@@ -303,6 +303,11 @@ def decode_offline(
 
 
 
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """Where an offline build keeps ``cifar-10-batches-py``: ``cache_dir`` or ``<data root>/cifar10``."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_root() / "cifar10"
+
+
 def build_from_offline(offline_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Decode the offline archive once and write ``<cache_dir>/cifar-10-batches-py`` (about 180 MB).
 
@@ -311,7 +316,7 @@ def build_from_offline(offline_dir: str | os.PathLike, cache_dir: str | os.PathL
     interrupted build is redone. Returns the ``cifar-10-batches-py`` folder.
     """
     offline_dir = Path(offline_dir)
-    out = Path(cache_dir).expanduser() if cache_dir is not None else default_root() / "cifar10"
+    out = _cache_root(cache_dir)
     batches = out / BATCHES_DIR
     if (batches / BUILD_MARKER).is_file() and _has_pickles(batches):
         return batches
@@ -466,7 +471,7 @@ def load_cifar10(
     base = resolve_root(root)
     info: dict[str, Any] = {}
     if is_offline_folder(base):
-        out = Path(cache_dir).expanduser() if cache_dir is not None else default_root() / "cifar10"
+        out = _cache_root(cache_dir)
         batches = out / BATCHES_DIR
         info = {"source": "jpeg-rebuild", "offline_dir": str(base)}
         if not ((batches / BUILD_MARKER).is_file() and _has_pickles(batches)) and subset is not None:
