@@ -215,11 +215,11 @@ def fast_function(lib: ctypes.CDLL, name: str, restype: type | None = ctypes.c_i
 def load_library() -> ctypes.CDLL | None:
     """The compiled kernel library, or ``None`` where the PyTorch fallback must be used."""
     global _LIB, _TRIED
-    mode = os.environ.get("FLIPNET_KERNELS", "auto").strip().lower()
-    if mode == "torch":
+    wanted = mode()
+    if wanted == "torch":
         return None
     if _TRIED:
-        if _LIB is None and mode == "c":
+        if _LIB is None and wanted == "c":
             raise KernelBuildError("the C kernels could not be built; install gcc or unset FLIPNET_KERNELS=c")
         return _LIB
     with _LOCK:
@@ -227,7 +227,7 @@ def load_library() -> ctypes.CDLL | None:
             _LIB = _build_and_load()
             _TRIED = True
             if _LIB is None:
-                if mode == "c":
+                if wanted == "c":
                     raise KernelBuildError(
                         "the C kernels could not be built; install gcc (or set CC) or unset FLIPNET_KERNELS=c"
                     )
