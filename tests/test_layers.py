@@ -519,13 +519,3 @@ def test_gradcheck_real_inputs_scale_and_bias(cls, shape) -> None:
         return torch.func.functional_call(layer, {"scale": scale, "bias": bias}, (x,))
 
     assert torch.autograd.gradcheck(f, (x, scale, bias))
-
-
-def test_explicit_padding_is_public_and_pads_same_like_larq():
-    from flipnet.layers import _explicit_padding, explicit_padding
-
-    assert _explicit_padding is explicit_padding  # the old private name still works (flipnet.compress)
-    assert explicit_padding("same", (3, 3), (1, 1), (1, 1)) == [1, 1, 1, 1]
-    assert explicit_padding("same", (2, 4), (1, 1), (1, 1)) == [1, 2, 0, 1]  # odd pixel on the right
-    assert explicit_padding("valid", (3,), (1,), (1,)) == [0, 0]
-    assert explicit_padding((1, 2), (3, 3), (1, 1), (1, 1)) == [2, 2, 1, 1]

@@ -49,12 +49,13 @@ is exactly :math:`(\alpha\,\mathrm{sign}(W)) \ast x`.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .functional import channel_mean_abs, conv_nd
 from .quantizers import QuantizerLike, get_quantizer, is_binary_quantizer, quantizer_name, sign
 
 __all__ = [
@@ -71,17 +72,12 @@ __all__ = [
     "named_real_parameters",
     "apply_constraints",
     "set_weight_mode",
-    "explicit_padding",
 ]
 
 WeightMode = Literal["latent", "flip"]
 Scale = Literal["none", "xnor", "learnable"]
 WEIGHT_MODES: tuple[str, ...] = ("latent", "flip")
 SCALES: tuple[str, ...] = ("none", "xnor", "learnable")
-
-
-def _channel_mean_abs(w: Tensor) -> Tensor:
-    return w.detach().abs().flatten(1).mean(dim=1)
 
 
 class BinaryLayer(nn.Module):
@@ -141,7 +137,7 @@ class BinaryLayer(nn.Module):
             with torch.no_grad():
                 self.weight.clamp_(-self.weight_clip, self.weight_clip)
         if scale == "learnable":
-            self.scale = nn.Parameter(_channel_mean_abs(self.weight))
+            self.scale = nn.Parameter(channel_mean_abs(self.weight.detach()))
         else:
             self.register_parameter("scale", None)
 
@@ -178,7 +174,7 @@ class BinaryLayer(nn.Module):
         \mathrm{sign}(W_{ci})/n`).
         """
         if self.scale_mode == "xnor":
-            return self.weight.abs().flatten(1).mean(dim=1)
+            return channel_mean_abs(self.weight)
         if self.scale_mode == "learnable":
             return self.scale
         return None
@@ -197,7 +193,7 @@ class BinaryLayer(nn.Module):
             raise ValueError(
                 f"weight of shape {tuple(source.shape)} does not match the layer's {tuple(self.weight.shape)}"
             )
-        self.scale.copy_(_channel_mean_abs(source).to(self.scale))
+        self.scale.copy_(channel_mean_abs(source.detach()).to(self.scale))
 
     def _channel_view(self, t: Tensor, out: Tensor) -> Tensor:
         return t.to(out.dtype)
@@ -308,48 +304,13 @@ class BinaryLayer(nn.Module):
         return ", ".join(parts)
 
 
-def explicit_padding(
-    padding: str | int | Sequence[int], kernel: Sequence[int], dilation: Sequence[int], stride: Sequence[int]
-) -> list[int]:
-    """A convolution's ``padding`` (``"same"``, ``"valid"``, an int or a tuple) as :func:`F.pad` wants it.
-
-    Returns ``(left, right)`` pairs, last spatial dimension first. ``"same"`` puts the odd pixel
-    on the right, as TensorFlow/larq do. Packed inference (:mod:`flipnet.compress`) pads with this
-    too, so that it pads exactly like the layer it replaces.
-    """
-    n = len(kernel)
-    if isinstance(padding, str):
-        if padding == "valid":
-            per_dim = [(0, 0)] * n
-        elif padding == "same":
-            per_dim = []
-            for k, d in zip(kernel, dilation):
-                total = d * (k - 1)
-                per_dim.append((total // 2, total - total // 2))
-        else:
-            raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
-    else:
-        pads = (padding,) * n if isinstance(padding, int) else tuple(padding)
-        per_dim = [(p, p) for p in pads]
-    flat: list[int] = []
-    for left, right in reversed(per_dim):
-        flat += [left, right]
-    return flat
-
-
-_explicit_padding = explicit_padding  # the former private name, still imported by flipnet.compress
-
-
 class _BinaryConvNd(BinaryLayer):
-    _conv = staticmethod(F.conv2d)
-    _explicit_pad: list[int]
     pad_value: float
 
     def _setup_padding(self, pad_value: float) -> None:
         if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or not math.isfinite(pad_value):
             raise ValueError(f"pad_value must be a finite number (usually -1, 0 or +1), got {pad_value!r}")
         self.pad_value = float(pad_value)
-        self._explicit_pad = _explicit_padding(self.padding, self.kernel_size, self.dilation, self.stride)
         if self.pad_value != 0.0 and self.padding_mode != "zeros":
             raise ValueError(
                 f"pad_value={pad_value:g} needs padding_mode='zeros' (got {self.padding_mode!r}); "
@@ -363,14 +324,10 @@ class _BinaryConvNd(BinaryLayer):
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x)
         w = self.quantized_weight().to(x.dtype)
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            out = self._conv(x, w, None, self.stride, 0, self.dilation, self.groups)
-        elif self.pad_value != 0.0 and any(self._explicit_pad):
-            x = F.pad(x, self._explicit_pad, value=self.pad_value)
-            out = self._conv(x, w, None, self.stride, 0, self.dilation, self.groups)
-        else:
-            out = self._conv(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        out = conv_nd(
+            x, w, None, stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+            padding_mode=self.padding_mode, pad_value=self.pad_value,
+        )
         return self._finish(out)
 
     def extra_repr(self) -> str:
@@ -397,8 +354,6 @@ class BinaryConv2d(_BinaryConvNd, nn.Conv2d):
     Example:
         >>> conv = BinaryConv2d(64, 128, 3, padding=1, input_quantizer="ste_sign", pad_value=1.0)
     """
-
-    _conv = staticmethod(F.conv2d)
 
     def __init__(
         self,
@@ -431,8 +386,6 @@ class BinaryConv2d(_BinaryConvNd, nn.Conv2d):
 
 class BinaryConv1d(_BinaryConvNd, nn.Conv1d):
     """1-D convolution with binary weights; arguments as :class:`BinaryConv2d`."""
-
-    _conv = staticmethod(F.conv1d)
 
     def __init__(
         self,

@@ -45,6 +45,8 @@ from typing import Callable, Union
 import torch
 from torch import Tensor, nn
 
+from .functional import channel_mean_abs
+
 __all__ = [
     "sign",
     "ste_sign",
@@ -200,17 +202,6 @@ def ste_heaviside(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
     return _SteHeavisideFn.apply(x, clip_value)
 
 
-def _channel_mean_abs(x: Tensor) -> Tensor:
-    """Mean |x| over every dimension but the first, kept broadcastable to ``x``.
-
-    For a weight of shape ``(out, in, *k)`` this is one value per output channel; a 0-d or 1-d
-    tensor is treated as a single channel (one scalar mean).
-    """
-    if x.dim() <= 1:
-        return x.abs().mean().expand_as(x)
-    return x.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
-
-
 def magnitude_aware_sign(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
     r"""Magnitude-aware sign for weights (Bi-Real Net).
 
@@ -227,7 +218,11 @@ def magnitude_aware_sign(x: Tensor, clip_value: float | None = 1.0) -> Tensor:
     Improved Representational Capability and Advanced Training Algorithm", section 3.3.
     """
     _check_clip(clip_value)
-    alpha = _channel_mean_abs(x).detach()
+    with torch.no_grad():
+        if x.dim() <= 1:
+            alpha = x.abs().mean().expand_as(x)
+        else:
+            alpha = channel_mean_abs(x).view((-1,) + (1,) * (x.dim() - 1))
     return alpha * _SteSignFn.apply(x, clip_value)
 
 

@@ -79,7 +79,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ExportFormatError
-from ..layers import BinaryLayer, _explicit_padding
+from ..functional import explicit_padding
+from ..layers import BinaryLayer
 from ..quantizers import Quantizer, quantizer_name, sign
 from ..utils import atomic_path
 from .pack import pack_bits, pack_indices, pack_words, packed_size, unpack_bits, unpack_indices
@@ -319,7 +320,7 @@ class _Heaviside(nn.Module):
 
 def _conv_geometry(m: nn.Module) -> dict[str, Any]:
     padding = m.padding if isinstance(m.padding, str) else [int(p) for p in m.padding]
-    pads = _explicit_padding(m.padding, m.kernel_size, m.dilation, m.stride)
+    pads = explicit_padding(m.padding, m.kernel_size, m.dilation, m.stride)
     return {
         "stride": [int(s) for s in m.stride],
         "padding": padding,

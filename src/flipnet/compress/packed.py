@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import BinaryConv1d, BinaryConv2d, BinaryLinear, _explicit_padding
+from ..functional import explicit_padding
+from ..layers import BinaryConv1d, BinaryConv2d, BinaryLinear
 from ..quantizers import sign
 from . import _kernels
 from .pack import check_binary, pack_words, packed_size, unpack_words
@@ -477,7 +478,7 @@ class PackedBinaryConv2d(_PackedBase):
         if isinstance(padding, (list, tuple)) and len(padding) == 4:
             pads = [int(p) for p in padding]
         else:
-            pads = _explicit_padding(padding, self.kernel_size, self.dilation, self.stride)  # type: ignore[arg-type]
+            pads = explicit_padding(padding, self.kernel_size, self.dilation, self.stride)  # type: ignore[arg-type]
         if any(p < 0 for p in pads):
             raise ValueError(f"padding must be non-negative, got {pads}")
         self.pads = tuple(pads)  # (left, right, top, bottom)
@@ -516,7 +517,7 @@ class PackedBinaryConv2d(_PackedBase):
         return cls.from_signs(
             layer.binary_weight(),
             layer.stride,
-            list(layer._explicit_pad),
+            explicit_padding(layer.padding, layer.kernel_size, layer.dilation, layer.stride),
             layer.dilation,
             layer.pad_value,
             None if alpha is None else alpha.detach(),
@@ -698,7 +699,7 @@ class BinaryWeightConv(nn.Module):
         self.padding_mode = padding_mode
         self.pad_value = float(pad_value)
         self.binarize_input = bool(binarize_input)
-        self._explicit = _explicit_padding(self.padding, weight.shape[2:], self.dilation, self.stride)  # type: ignore[arg-type]
+        self._explicit = explicit_padding(self.padding, weight.shape[2:], self.dilation, self.stride)  # type: ignore[arg-type]
         self._reversed = [p for p in reversed(self.padding) for _ in range(2)] if not isinstance(self.padding, str) else self._explicit
         for name, t in (("scale", scale), ("bias", bias)):
             self.register_buffer(name, None if t is None else torch.as_tensor(t, dtype=torch.float32).detach().reshape(-1))

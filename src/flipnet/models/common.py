@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..functional import channel_mean_abs, conv_nd
 from ..layers import SCALES, WEIGHT_MODES, BinaryConv2d, BinaryLinear
 from ..quantizers import QUANTIZERS, get_quantizer
 
@@ -181,7 +182,7 @@ class _FloatTwinMixin:
     def _init_twin(self, input_quantizer: nn.Module | None, learnable_scale: bool) -> None:
         self.input_quantizer = input_quantizer if input_quantizer is not None else nn.Identity()
         if learnable_scale:
-            self.scale = nn.Parameter(self.weight.detach().abs().flatten(1).mean(dim=1).clone())
+            self.scale = nn.Parameter(channel_mean_abs(self.weight.detach()).clone())
         else:
             self.register_parameter("scale", None)  # type: ignore[attr-defined]
 
@@ -224,24 +225,16 @@ class FloatConv2d(_FloatTwinMixin, nn.Conv2d):
     ) -> None:
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, bias=bias)
         self._init_twin(input_quantizer, learnable_scale)
+        if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or not math.isfinite(pad_value):
+            raise ValueError(f"pad_value must be a finite number (usually -1, 0 or +1), got {pad_value!r}")
         self.pad_value = float(pad_value)
-        self._explicit_pad: list[int] = []
-        if self.pad_value != 0.0:
-            if isinstance(self.padding, str):
-                if self.padding == "same":
-                    for k in reversed(self.kernel_size):
-                        self._explicit_pad += [(k - 1) // 2, (k - 1) - (k - 1) // 2]
-            else:
-                for p in reversed(self.padding):
-                    self._explicit_pad += [p, p]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x)
-        if any(self._explicit_pad):
-            x = F.pad(x, self._explicit_pad, value=self.pad_value)
-            out = F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        else:
-            out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        out = conv_nd(
+            x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
+            groups=self.groups, pad_value=self.pad_value,
+        )
         return self._apply_scale(out)
 
     def extra_repr(self) -> str:
