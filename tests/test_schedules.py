@@ -229,3 +229,17 @@ def test_a_misspelt_group_key_gets_a_suggestion_but_a_foreign_one_does_not():
         HyperparamScheduler(opt, "gama", Constant(1.0))
     with pytest.raises(ValueError, match=r"groups of route 'real' have no key 'gamma'; their keys"):
         HyperparamScheduler(opt, "gamma", Constant(1.0), route="real")
+
+
+def test_per_group_schedules_start_from_each_groups_own_value():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}])
+    sched = HyperparamScheduler.per_group(opt, "lr", lambda v: StepDecay(v, 0.5, 1))
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.005])
+    assert sched.values == pytest.approx([0.05, 0.005]) and sched.value == pytest.approx(0.05)
+    # a recipe entry without a route means the same
+    opt2 = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}])
+    scheduler_from_dict(opt2, {"key": "lr", "type": "cosine"}, epochs=2, steps_per_epoch=1)
+    assert [g["lr"] for g in opt2.param_groups] == [0.1, 0.01]

@@ -190,29 +190,69 @@ class HyperparamScheduler:
         unit: str = "step",
         route: str | None = None,
     ) -> None:
-        if unit not in UNITS:
-            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
         if not callable(schedule):
             raise TypeError(f"schedule must be a Schedule or a callable t -> value, got {type(schedule).__name__}")
+        self._setup(optimizer, key, unit, route)
+        self.schedule = schedule
+        self._schedules: list[Schedule | Callable[[int], float]] = [schedule] * len(self._groups)
+        self._apply()
+
+    def _setup(self, optimizer: Optimizer, key: str, unit: str, route: str | None) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
         self.optimizer = optimizer
         self.key = key
-        self.schedule = schedule
         self.unit = unit
         self.route = route
         self._groups = _select_groups(optimizer, key, route)
         self.t = 0
+
+    @classmethod
+    def per_group(
+        cls,
+        optimizer: Optimizer,
+        key: str,
+        make: Callable[[float], Schedule | Callable[[int], float]],
+        unit: str = "step",
+        route: str | None = None,
+    ) -> HyperparamScheduler:
+        r"""One schedule per selected group, each built by ``make(v_g)`` from that group's own value.
+
+        This is what a recipe's schedule means: ``{key: lr, type: cosine}`` without a route
+        decays *each* route's learning rate from its own setting, so
+        ``optim.real_kwargs.lr=0.1`` starts the real route at 0.1 even when the binary route
+        starts at 0.01. (A single :class:`Schedule` passed to the constructor writes the same
+        value into every selected group.)
+        """
+        self = cls.__new__(cls)
+        self._setup(optimizer, key, unit, route)
+        self._schedules = [make(_as_float(g[key])) for g in self._groups]
+        if not all(callable(s) for s in self._schedules):
+            raise TypeError("make must return a Schedule or a callable t -> value")
+        self.schedule = self._schedules[0]
         self._apply()
+        return self
 
     @property
     def value(self) -> float:
-        """The value written at the current index."""
-        return float(self.schedule(self.t))
+        """The value written at the current index (into the first selected group)."""
+        return float(self._schedules[0](self.t))
+
+    @property
+    def values(self) -> list[float]:
+        """The values written at the current index, one per selected group."""
+        return [float(s(self.t)) for s in self._schedules]
 
     def _apply(self) -> None:
-        value = self.value
         # Re-select: load_state_dict on the optimizer replaces its group dicts.
         self._groups = _select_groups(self.optimizer, self.key, self.route)
-        for group in self._groups:
+        if len(self._groups) != len(self._schedules):
+            raise ValueError(
+                f"the optimizer now has {len(self._groups)} groups with key {self.key!r} "
+                f"(route {self.route!r}), the scheduler was built for {len(self._schedules)}"
+            )
+        for group, schedule in zip(self._groups, self._schedules):
+            value = float(schedule(self.t))
             current = group[self.key]
             if isinstance(current, Tensor):
                 current.fill_(value)
@@ -341,8 +381,10 @@ def scheduler_from_dict(
 
     ``spec`` is a :func:`schedule_from_dict` spec plus ``key`` (required), ``route`` and
     ``unit`` (``"step"`` by default), e.g. ``{key: gamma, route: binary, type: step,
-    factor: 0.1, every: 100, unit: epoch}``. The schedule starts from the current value of
-    ``key`` in the first selected group; its default duration is ``epochs`` (unit epoch) or
+    factor: 0.1, every: 100, unit: epoch}``. Each selected group gets its own schedule that
+    starts from that group's current value of ``key`` (the optimizer's setting: without a
+    ``route``, the binary and the real route each start from their own learning rate; see
+    :meth:`HyperparamScheduler.per_group`); its default duration is ``epochs`` (unit epoch) or
     ``epochs * steps_per_epoch`` (unit step).
     """
     if not isinstance(spec, Mapping) or "key" not in spec:
@@ -352,10 +394,15 @@ def scheduler_from_dict(
     if unit not in UNITS:
         raise ConfigError(f"schedule unit must be one of {UNITS}, got {unit!r}")
     try:
-        groups = _select_groups(optimizer, key, route)
+        _select_groups(optimizer, key, route)
     except ValueError as err:
         raise ConfigError(f"schedule {dict(spec)!r}: {err}") from err
-    current = groups[0][key]
-    initial = float(current.detach().cpu()) if isinstance(current, Tensor) else float(current)
     duration = _count("epochs", epochs) if unit == "epoch" else _count("epochs", epochs) * _count("steps_per_epoch", steps_per_epoch)
-    return HyperparamScheduler(optimizer, key, schedule_from_dict(rest, initial, duration), unit=unit, route=route)
+    schedule_from_dict(rest, 1.0, duration)  # check the spec once, before touching the optimizer
+    return HyperparamScheduler.per_group(
+        optimizer, key, lambda initial: schedule_from_dict(rest, initial, duration), unit=unit, route=route
+    )
+
+
+def _as_float(value: Any) -> float:
+    return float(value.detach().cpu()) if isinstance(value, Tensor) else float(value)
