@@ -106,3 +106,9 @@ def test_channel_mean_abs_passes_the_xnor_gradient() -> None:
     w = torch.tensor([[2.0, -1.0, 0.5, -4.0]], requires_grad=True)
     channel_mean_abs(w).sum().backward()
     assert w.grad.tolist() == [[0.25, -0.25, 0.25, -0.25]]  # sign(W) / n
+
+
+def test_public_surface_is_pinned() -> None:
+    import flipnet.functional as fn
+
+    assert sorted(fn.__all__) == ["PADDING_MODES", "channel_mean_abs", "conv_nd", "explicit_padding"]

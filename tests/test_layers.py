@@ -519,3 +519,15 @@ def test_gradcheck_real_inputs_scale_and_bias(cls, shape) -> None:
         return torch.func.functional_call(layer, {"scale": scale, "bias": bias}, (x,))
 
     assert torch.autograd.gradcheck(f, (x, scale, bias))
+
+
+def test_public_surface_is_pinned() -> None:
+    import flipnet.layers as layers
+
+    assert sorted(layers.__all__) == sorted([
+        "BinaryLayer", "BinaryConv1d", "BinaryConv2d", "BinaryLinear", "binary_modules", "binary_parameters",
+        "named_binary_parameters", "real_parameters", "named_real_parameters", "apply_constraints",
+        "set_weight_mode",
+    ])
+    assert all(hasattr(layers, name) for name in layers.__all__)
+    assert not hasattr(layers, "_explicit_padding") and not hasattr(layers, "explicit_padding")

@@ -273,3 +273,12 @@ def test_modules_pickle_and_deepcopy(alias: str) -> None:
 def test_extra_repr_shows_arguments() -> None:
     assert repr(q.SteSign(0.5)) == "SteSign(clip_value=0.5)"
     assert repr(q.SwishSign()) == "SwishSign(beta=5.0)"
+
+
+def test_public_surface_is_pinned() -> None:
+    assert sorted(q.__all__) == sorted([
+        "Quantizer", "SteSign", "ApproxSign", "SwishSign", "SteHeaviside", "MagnitudeAwareSign", "Identity",
+        "QUANTIZERS", "get_quantizer", "sign", "ste_sign", "approx_sign", "swish_sign", "ste_heaviside",
+        "magnitude_aware_sign",
+    ])
+    assert all(hasattr(q, name) for name in q.__all__)

@@ -58,13 +58,13 @@ from torch import Tensor, nn
 from .functional import channel_mean_abs, conv_nd
 from .quantizers import QuantizerLike, get_quantizer, is_binary_quantizer, quantizer_name, sign
 
+#: The public surface; ``WEIGHT_MODES`` and ``SCALES`` (the valid option values) stay importable for
+#: the package's own validation.
 __all__ = [
     "BinaryLayer",
     "BinaryConv1d",
     "BinaryConv2d",
     "BinaryLinear",
-    "WEIGHT_MODES",
-    "SCALES",
     "binary_modules",
     "binary_parameters",
     "named_binary_parameters",

@@ -47,14 +47,9 @@ from torch import Tensor, nn
 
 from .functional import channel_mean_abs
 
+#: The public surface. ``identity``, ``QuantizerLike``, ``quantizer_name`` and
+#: ``is_binary_quantizer`` stay importable for the package's layers, converter and summaries.
 __all__ = [
-    "sign",
-    "ste_sign",
-    "approx_sign",
-    "swish_sign",
-    "ste_heaviside",
-    "magnitude_aware_sign",
-    "identity",
     "Quantizer",
     "SteSign",
     "ApproxSign",
@@ -63,10 +58,13 @@ __all__ = [
     "MagnitudeAwareSign",
     "Identity",
     "QUANTIZERS",
-    "QuantizerLike",
     "get_quantizer",
-    "quantizer_name",
-    "is_binary_quantizer",
+    "sign",
+    "ste_sign",
+    "approx_sign",
+    "swish_sign",
+    "ste_heaviside",
+    "magnitude_aware_sign",
 ]
 
 
