@@ -1,4 +1,4 @@
-"""Kernel codes, histograms and coverage (flipnet.analysis.kernels)."""
+"""Kernel codes (flipnet.compress.codes), histograms and coverage (flipnet.analysis.kernels)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from flipnet.analysis.kernels import (
-    canonical_codes,
     code_entropy,
     coverage_curve,
-    decode_kernels,
-    encode_kernels,
     kernel_codes,
-    kernel_histogram,
     kernel_stats,
-    negate_codes,
     plot_kernel_stats,
     popcount,
     write_kernel_csv,
 )
+from flipnet.compress.codes import canonical_codes, decode_kernels, encode_kernels, kernel_histogram, negate_codes
 from flipnet.layers import BinaryConv2d, BinaryLinear
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from flipnet.analysis.kernels import decode_kernels, encode_kernels
+from flipnet.compress.codes import decode_kernels, encode_kernels
 from flipnet.compress.qbn import (
     QBNConv2d,
     QBNStored,
@@ -263,7 +263,7 @@ def test_retargeting_a_qbn_layer_uses_its_own_signs_not_the_old_projection() -> 
 
 
 def test_qbn_sweep_end_to_end(tmp_path) -> None:
-    from flipnet.compress.qbn import qbn_sweep
+    from flipnet.analysis.qbn_sweep import qbn_sweep
     from flipnet.train import Trainer, load_config
 
     cfg = load_config("sun_yao_digits_bwn", [

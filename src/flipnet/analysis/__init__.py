@@ -9,17 +9,21 @@ are important: finding primary subnetworks and kernels to compress binary weight
   and :mod:`flipnet.analysis.primary` -- the early signs form a trainable "primary binary
   subnetwork" (:func:`primary_experiment`);
 * :mod:`flipnet.analysis.kernels` -- binary 3×3 kernels concentrate on few of the 512 patterns
-  (:func:`kernel_codes`, :func:`kernel_histogram`, :func:`kernel_stats`), which
-  :mod:`flipnet.compress.qbn` turns into sub-bit compression.
+  (:func:`kernel_codes`, :func:`kernel_stats`, :func:`coverage_curve`), which
+  :mod:`flipnet.compress.qbn` turns into sub-bit compression and :mod:`flipnet.analysis.qbn_sweep`
+  measures (:func:`qbn_sweep`).
 
-Sub-modules are imported on first use, so ``import flipnet.analysis`` stays cheap. See
-``docs/analysis.md``.
+The kernel codes themselves are :mod:`flipnet.compress.codes` (analysis sits above compress).
+See ``docs/analysis.md``.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .flips import SignTracker, analyze_run, list_snapshots, read_snapshot, sign_dynamics
+from .kernels import coverage_curve, kernel_codes, kernel_stats
+from .primary import primary_experiment
+from .qbn_sweep import qbn_sweep
+from .scaling import scaling_study
 
 __all__ = [
     "SignTracker",
@@ -27,42 +31,10 @@ __all__ = [
     "sign_dynamics",
     "read_snapshot",
     "list_snapshots",
-    "encode_kernels",
-    "decode_kernels",
     "kernel_codes",
-    "kernel_histogram",
     "kernel_stats",
     "coverage_curve",
     "primary_experiment",
+    "qbn_sweep",
     "scaling_study",
 ]
-
-_LAZY: dict[str, str] = {
-    "SignTracker": "flips",
-    "analyze_run": "flips",
-    "sign_dynamics": "flips",
-    "read_snapshot": "flips",
-    "list_snapshots": "flips",
-    "encode_kernels": "kernels",
-    "decode_kernels": "kernels",
-    "kernel_codes": "kernels",
-    "kernel_histogram": "kernels",
-    "kernel_stats": "kernels",
-    "coverage_curve": "kernels",
-    "primary_experiment": "primary",
-    "scaling_study": "scaling",
-}
-
-
-def __getattr__(name: str) -> Any:
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'flipnet.analysis' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

@@ -188,7 +188,7 @@ def cmd_primary(ns: argparse.Namespace) -> int:
 
 def cmd_qbn(ns: argparse.Namespace) -> int:
     """``flipnet qbn``: accuracy against bits per weight."""
-    from ..compress.qbn import qbn_sweep
+    from .qbn_sweep import qbn_sweep
 
     run = _run_dir(ns.run)
     with _value_errors_as_config_errors():

@@ -9,7 +9,7 @@ kernels and stores every kernel as a :math:`k`-bit index into it.
 
 Codebook
     :func:`select_codebook`: the :math:`2^k` most frequent codes of the layer (codes as in
-    :mod:`flipnet.analysis.kernels`: bit :math:`i = 3r + c` is 1 where entry :math:`(r, c)` is +1),
+    :mod:`flipnet.compress.codes`: bit :math:`i = 3r + c` is 1 where entry :math:`(r, c)` is +1),
     most frequent first, ties broken by the smaller code. A layer with fewer distinct kernels is
     padded with unused codes in increasing order, so the index is always exactly :math:`k` bits.
 
@@ -55,21 +55,19 @@ index of each kernel, ``m.qbn_k`` the index width, and ``m.binary_weight()`` the
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Iterable, Literal, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..analysis.kernels import decode_kernels, encode_kernels, kernel_histogram, kernel_layers
 from ..layers import BinaryConv2d, binary_modules
 from ..quantizers import sign
-from ..train.loop import Callback
+from .codes import decode_kernels, encode_kernels, kernel_histogram, kernel_layers
 from .pack import pack_indices, unpack_indices
 
 __all__ = [
@@ -89,9 +87,6 @@ __all__ = [
     "from_stored",
     "save_qbn",
     "load_qbn",
-    "QBNCallback",
-    "QBNSweepRow",
-    "qbn_sweep",
 ]
 
 #: Largest index width (a codebook of 256 of the 512 3×3 patterns).
@@ -100,7 +95,8 @@ Distance = Literal["auto", "hamming", "magnitude"]
 _DISTANCES = ("auto", "hamming", "magnitude")
 
 
-def _check_k(k: int, n_bits: int = 9) -> int:
+def check_k(k: int, n_bits: int = 9) -> int:
+    """``k`` as an int if it is a valid index width (1..8, at most the kernel's entries), else ``ValueError``."""
     top = min(MAX_QBN_BITS, n_bits)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= top:
         raise ValueError(f"the QBN index width k must be an integer in 1..{top} (codebook of 2^k kernels), got {k!r}")
@@ -113,7 +109,7 @@ def select_codebook(codes: Tensor, k: int, n_bits: int = 9) -> Tensor:
     Unused codes (in increasing order) pad the codebook when fewer than ``2**k`` distinct kernels
     occur. Returns an ``int64`` tensor of ``2**k`` distinct codes.
     """
-    k = _check_k(k, n_bits)
+    k = check_k(k, n_bits)
     counts = kernel_histogram(codes, n_bits).numpy()
     order = np.lexsort((np.arange(len(counts)), -counts))  # count descending, then code ascending
     return torch.as_tensor(order[: 1 << k].copy(), dtype=torch.int64)
@@ -174,7 +170,7 @@ class QBNConv2d(BinaryConv2d):
     qbn_distance: str
 
     def _qbn_setup(self, codes: Tensor, k: int, distance: str) -> None:
-        k = _check_k(k, self.kernel_size[0] * self.kernel_size[1])
+        k = check_k(k, self.kernel_size[0] * self.kernel_size[1])
         if len(codes) != 1 << k:
             raise ValueError(f"a codebook for k={k} must hold {1 << k} codes, got {len(codes)}")
         if distance == "auto":
@@ -272,7 +268,7 @@ def apply_qbn(
     Raises:
         ValueError: if no layer qualifies or ``k`` is out of range.
     """
-    k = _check_k(k)
+    k = check_k(k)
     if distance not in _DISTANCES:
         raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
     skip = set(exclude)
@@ -438,7 +434,7 @@ class QBNStored:
         k, kh, kw, shape = meta[0], meta[1], meta[2], tuple(meta[3:])
         if kh < 1 or kw < 1 or any(s < 0 for s in shape):
             raise ValueError(f"QBN metadata for {prefix!r} is malformed (kernel {kh}×{kw}, weight shape {shape})")
-        _check_k(k, kh * kw)
+        check_k(k, kh * kw)
         if len(codebook) != 1 << k:
             raise ValueError(f"QBN codebook for {prefix!r} holds {len(codebook)} codes, expected {1 << k}")
         stored = cls(k, (kh, kw), shape, codebook, packed)
@@ -523,159 +519,3 @@ def load_qbn(path: str | Path) -> dict[str, QBNStored]:
         return {name: QBNStored.from_tensors(tensors, f"{name}.") for name in json.loads(meta["layers"])}
     except (ValueError, KeyError) as e:
         raise ExportFormatError(f"{path}: {e}") from None
-
-
-# ----------------------------------------------------------------------------- fine-tuning
-class QBNCallback(Callback):
-    """Trainer callback that puts the model under QBN at the start of training.
-
-    ``Trainer(config, callbacks=[QBNCallback(k)])`` fine-tunes with the projection in the forward
-    pass. The conversion is in place, so the trainer's optimizer stays valid. Unless
-    ``codebooks`` are given, each layer's codebook is taken from its signs at that moment (load
-    the trained weights with ``model.init_from``).
-    """
-
-    def __init__(self, k: int, distance: Distance = "auto", codebooks: Mapping[str, Tensor] | None = None,
-                 exclude: Iterable[str] = ()) -> None:
-        self.k = _check_k(k)
-        self.distance = distance
-        self.codebooks = codebooks
-        self.exclude = tuple(exclude)
-        self.layers: dict[str, QBNConv2d] = {}
-
-    def on_train_start(self, trainer: Any) -> None:
-        if not qbn_layers(trainer.model) or self.codebooks is not None:
-            self.layers = apply_qbn(trainer.model, self.k, distance=self.distance, codebooks=self.codebooks,
-                                    exclude=self.exclude)
-        else:
-            self.layers = dict(qbn_layers(trainer.model))
-
-    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
-        metrics["qbn_bits_per_weight"] = qbn_bits(trainer.model)[-2].bits_per_weight
-
-
-@dataclass
-class QBNSweepRow:
-    """One point of :func:`qbn_sweep`: ``k=None`` is the 1-bit model without QBN."""
-
-    k: int | None
-    bits_per_weight_qbn: float
-    bits_per_weight_all: float
-    acc_projected: float
-    acc_finetuned: float
-
-
-def qbn_sweep(
-    run_dir: str | Path,
-    bits: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8),
-    *,
-    epochs: int | None = None,
-    overrides: Sequence[str] = (),
-    distance: Distance = "auto",
-    checkpoint: str = "best",
-    out_dir: str | Path | None = None,
-    plot: bool = True,
-    control: bool = True,
-) -> list[QBNSweepRow]:
-    """Accuracy against bits per weight: project a trained run onto codebooks and fine-tune.
-
-    For each ``k`` in ``bits``: load the run's weights (``model.init_from``), put every binary 3×3
-    convolution under QBN with its ``2**k`` most frequent kernels, evaluate (``acc_projected``),
-    fine-tune for ``epochs`` (default: a quarter of the run's epochs, at least 1) with the run's
-    recipe and the projection in the forward pass, evaluate again (``acc_finetuned``) and save the
-    stored form to ``<out_dir>/k<k>/qbn.safetensors``. The row with ``k=None`` is the unprojected
-    1-bit model; with ``control`` (default) it is fine-tuned the same way (``acc_finetuned``), so
-    that QBN is compared with equally long training. Results go to ``<out_dir>/qbn.csv`` and ``qbn.png`` (default
-    ``RUN/analysis/qbn``).
-    """
-    from ..analysis._runs import evaluate_trainer, make_trainer, read_run_config
-
-    ks = [_check_k(k) for k in bits]
-    if not ks:
-        raise ValueError("give at least one k (index width) to sweep")
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "analysis" / "qbn"
-    out.mkdir(parents=True, exist_ok=True)
-    ft_epochs = int(epochs) if epochs is not None else max(1, int(cfg.train.epochs) // 4)
-    if ft_epochs < 1:
-        raise ValueError(f"fine-tuning epochs must be at least 1, got {ft_epochs}")
-    init = _checkpoint_path(run_dir, checkpoint)
-    rows: list[QBNSweepRow] = []
-    ft = [f"model.init_from={init}", f"train.epochs={ft_epochs}", *overrides]
-    # the 1-bit model without QBN; with ``control`` it gets the same fine-tuning, so that the
-    # comparison isolates the projection from the extra training
-    base = make_trainer(cfg, ft, out, "control")
-    acc_base = evaluate_trainer(base)
-    acc_base_ft = acc_base
-    if control:
-        base.fit()
-        acc_base_ft = evaluate_trainer(base)
-    rows.append(QBNSweepRow(None, 1.0, qbn_bits(base.model)[-1].bits_per_weight, acc_base, acc_base_ft))
-    del base
-    for k in ks:
-        cb = QBNCallback(k, distance)
-        trainer = make_trainer(cfg, ft, out, f"k{k}", callbacks=[cb])
-        apply_qbn(trainer.model, k, distance=distance)
-        acc_proj = evaluate_trainer(trainer)
-        trainer.fit()
-        acc_ft = evaluate_trainer(trainer)
-        b = qbn_bits(trainer.model)
-        save_qbn(Path(trainer.run_dir) / "qbn.safetensors", trainer.model, {"k": str(k)})
-        rows.append(QBNSweepRow(k, b[-2].bits_per_weight, b[-1].bits_per_weight, acc_proj, acc_ft))
-        del trainer
-    _write_sweep(rows, out, plot)
-    return rows
-
-
-def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
-    p = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if not p.is_file():
-        alt = run_dir / "checkpoints" / "last.pt"
-        if alt.is_file():
-            return alt
-        from ..errors import CheckpointError
-
-        raise CheckpointError(f"no checkpoint {p} (train the run first, or pass --checkpoint last)")
-    return p
-
-
-def _write_sweep(rows: list[QBNSweepRow], out: Path, plot: bool) -> None:
-    from ..utils import atomic_path
-
-    with atomic_path(out / "qbn.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["k", "codebook_size", "bits_per_weight_qbn_layers", "bits_per_weight_all_binary",
-                    "test_acc_projected", "test_acc_finetuned"])
-        for r in rows:
-            w.writerow(["none" if r.k is None else r.k, "" if r.k is None else 1 << r.k,
-                        f"{r.bits_per_weight_qbn:.4f}", f"{r.bits_per_weight_all:.4f}",
-                        f"{r.acc_projected:.4f}", f"{r.acc_finetuned:.4f}"])
-    if not plot:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    q = [r for r in rows if r.k is not None]
-    base = [r for r in rows if r.k is None]
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    x = [r.bits_per_weight_qbn for r in q]
-    ax.plot(x, [r.acc_projected for r in q], "o--", label="projected, no fine-tuning")
-    ax.plot(x, [r.acc_finetuned for r in q], "o-", label="projected + fine-tuned")
-    for r in q:
-        ax.annotate(f"k={r.k}", (r.bits_per_weight_qbn, r.acc_finetuned), fontsize=7,
-                    textcoords="offset points", xytext=(3, 4))
-    if base:
-        ax.axhline(base[0].acc_finetuned, color="black", linewidth=1, linestyle=":",
-                   label="1 bit/weight, same fine-tuning" if base[0].acc_finetuned != base[0].acc_projected
-                   else "1 bit/weight (no QBN)")
-    ax.set_xlabel("bits per weight (QBN layers, incl. codebook)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("QBN: accuracy against bits per weight")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(out / "qbn.png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
