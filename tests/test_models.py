@@ -67,7 +67,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
 
 # ----------------------------------------------------------------------------- registry
 def test_list_models() -> None:
-    assert list_models() == ["binary_mlp", "binarynet", "resnet18", "resnet20", "unet"]
+    assert list_models() == ["binary_mlp", "binarynet", "birealnet18", "birealnet34", "reactnet_a", "resnet18", "resnet20", "unet"]
     assert list_models("resnet*") == ["resnet18", "resnet20"]
 
 

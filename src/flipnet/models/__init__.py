@@ -14,7 +14,9 @@ if asked). See ``docs/models.md`` for the architectures, parameter counts and re
 from __future__ import annotations
 
 from . import binarynet as _binarynet  # noqa: F401  (registers the models)
+from . import bireal as _bireal  # noqa: F401
 from . import mlp as _mlp  # noqa: F401
+from . import reactnet as _reactnet  # noqa: F401
 from . import resnet as _resnet  # noqa: F401
 from . import unet as _unet  # noqa: F401
 from .common import (
