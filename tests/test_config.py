@@ -43,7 +43,7 @@ def test_default_recipe_is_digits_bop() -> None:
 def test_defaults_fill_every_key() -> None:
     config = config_from_dict({})
     assert config == Config()
-    assert config.train.amp == "auto" and config.train.channels_last == "auto"
+    assert config.train.precision == "fp32" and config.train.amp is False and config.train.channels_last == "auto"
     assert config.output.dir == "runs" and config.output.name is None
 
 
@@ -73,6 +73,7 @@ def test_unknown_key_names_closest_and_valid_keys(raw: dict, pieces: list[str]) 
         ({"train": {"epochs": 2.5}}, ["train.epochs", "an integer"]),
         ({"train": {"epochs": True}}, ["train.epochs", "an integer"]),
         ({"train": {"amp": "maybe"}}, ["train.amp", "true/false or auto"]),
+        ({"train": {"precision": "fp16"}}, ["train.precision", "fp32 or tf32 or bf16 or auto"]),
         ({"data": {"augment": "yes please"}}, ["data.augment", "true/false"]),
         ({"optim": {"binary_kwargs": [1, 2]}}, ["optim.binary_kwargs", "a mapping"]),
         ({"seeds": [0, "one"]}, ["seeds[1]", "an integer"]),
@@ -125,7 +126,7 @@ def test_overrides_parse_values_with_yaml() -> None:
     assert config.optim.binary_kwargs["gamma"] == 1e-3
     assert config.optim.binary_kwargs["threshold"] == 1e-6  # untouched sibling kept
     assert config.train.epochs == 3
-    assert config.train.amp is False
+    assert config.train.amp is False and config.train.precision == "fp32"
     assert config.data.root is None
     assert config.model.kwargs["hidden_sizes"] == [32, 16]
     assert config.output.name == "my run"
@@ -211,3 +212,159 @@ def test_bad_recipe_files(tmp_path: Path, text: str, piece: str) -> None:
 def test_a_folder_is_not_a_recipe(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path)
+
+
+# --------------------------------------------------------------------------- hardening (issue #10)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.grad_clip=nan", "train.grad_clip=.nan", "train.grad_clip=inf", "train.grad_clip=-.inf",
+        "optim.weight_clip=.nan", "optim.binary_kwargs.gamma=.nan", "optim.real_kwargs.lr=.inf",
+        "data.val_size=.nan", "optim.schedules=[{key: lr, type: cosine, end: .nan}]",
+    ],
+)
+def test_nan_and_infinity_are_refused(override: str) -> None:
+    with pytest.raises(ConfigError, match="finite|must be"):
+        load_config("digits_bop", [override])
+
+
+def test_nan_never_passes_a_positivity_check() -> None:
+    from flipnet.train.config import DataConfig, _positive
+
+    with pytest.raises(ConfigError, match="grad_clip must be positive"):
+        _positive(type("T", (), {"grad_clip": float("nan")})(), "train", "grad_clip")
+    assert DataConfig().batch_size > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "piece"),
+    [
+        ("seed=-1", "seed must be an integer in 0..4294967295"),
+        ("seed=4294967296", "seed must be an integer in 0..4294967295"),
+        ("seeds=[0, 99999999999]", "seeds[1] must be an integer in 0..4294967295"),
+        ("train.epochs=100000000000000000000", "train.epochs is too large"),
+        ("train.threads=0", "train.threads must be positive"),
+        ("data.val_size=1.5", "data.val_size must be a count"),
+        ("data.val_size=-3", "data.val_size must be 0 or more"),
+        ("data.augment=[flip, flip]", "lists an augmentation twice"),
+        ("data.augment=[rotate]", "data.augment"),
+        ("train.amp=true", None),
+    ],
+)
+def test_bad_numbers_and_new_keys(override: str, piece: str | None) -> None:
+    if piece is None:
+        assert load_config("digits_bop", [override]).train.precision == "bf16"
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config("digits_bop", [override])
+    assert piece in str(info.value)
+
+
+def test_amp_and_precision_must_agree() -> None:
+    with pytest.raises(ConfigError, match="disagree; set only train.precision"):
+        load_config("digits_bop", ["train.amp=false", "train.precision=bf16"])
+    assert load_config("digits_bop", ["train.amp=auto", "train.precision=auto"]).train.amp == "auto"
+    assert "amp" not in dump_config(load_config("digits_bop", ["train.amp=true"]))
+
+
+def test_new_keys_round_trip(tmp_path: Path) -> None:
+    config = load_config("digits_bop", ["train.threads=1", "data.val_size=0.2", "model.init=Glorot_Uniform",
+                                        "data.augment=[crop]", "train.precision=tf32"])
+    assert (config.train.threads, config.data.val_size, config.model.init) == (1, 0.2, "glorot_uniform")
+    assert config.data.augment == ["crop"] and config.train.precision == "tf32"
+    assert config.train.amp is False
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+    assert load_config("digits_bop", ["data.val_size=500"]).data.val_size == 500
+    assert load_config("digits_bop", ["data.val_size=null"]).data.val_size is None
+
+
+BOMB = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+name: bomb
+model: {kwargs: {x: *i}}
+"""
+
+
+def test_yaml_bomb_is_refused_cheaply(tmp_path: Path) -> None:
+    import resource
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    assert path.stat().st_size < 1000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_config("digits_bop", ["model.kwargs.x={" + ", ".join(BOMB.split("name:")[0].splitlines()) + "}"])
+    assert time.perf_counter() - start < 2.0
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 50_000, f"peak memory grew by {grown_kib} KiB"
+
+
+@pytest.mark.parametrize(
+    ("text", "piece"),
+    [
+        ("a: &a [*a]\n", "recursive alias"),
+        ("seed: " + "9" * 5000 + "\n", "a YAML integer has 5000 digits"),
+        ("description: " + "x" * 200_000 + "\n", "characters long"),
+    ],
+)
+def test_hostile_yaml_scalars(tmp_path: Path, text: str, piece: str) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=piece):
+        load_config(path)
+
+
+def test_huge_and_binary_recipe_files(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (2 << 20))
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(big)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00 garbage")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary)
+
+
+def test_anchors_within_limits_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("optim:\n  binary: adam\n  binary_kwargs: &k {lr: 0.02}\n  real_kwargs: *k\n")
+    config = load_config(path)
+    assert config.optim.real_kwargs == {"lr": 0.02} == config.optim.binary_kwargs
+
+
+def test_trajectory_changes_lists_what_changes_training() -> None:
+    from flipnet.train.config import trajectory_changes
+
+    base = load_config("digits_bop")
+    same = load_config("digits_bop", ["train.progress=false", "output.dir=/tmp/x", "train.eval_every=3",
+                                      "data.eval_batch_size=7", "train.threads=1", "train.device=cpu"])
+    assert trajectory_changes(base, same) == []
+    changed = load_config("digits_bop", ["seed=1", "data.batch_size=16", "optim.binary_kwargs.gamma=1e-2",
+                                         "train.epochs=40", "optim.schedules=[]", "data.val_size=0",
+                                         "train.precision=bf16", "model.kwargs.hidden_sizes=[8]"])
+    assert trajectory_changes(base, changed) == [
+        "data.batch_size", "data.val_size", "model.kwargs.hidden_sizes", "optim.binary_kwargs.gamma",
+        "optim.schedules", "seed", "train.epochs", "train.precision",
+    ]
+    # a stored config.yaml mapping works, ints equal floats, and world size comes in as an extra
+    stored = config_to_dict(base)
+    stored["optim"]["real_kwargs"]["lr"] = 0.01
+    assert trajectory_changes(stored, base, extra_stored={"world_size": 1}, extra_new={"world_size": 2}) == ["world_size"]
+    with pytest.raises(ConfigError, match="stored config is not a valid recipe"):
+        trajectory_changes({"trian": {}}, base)

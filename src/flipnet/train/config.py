@@ -9,13 +9,19 @@ path, applies command-line overrides and validates the result:
 * a value of the wrong type raises :class:`~flipnet.errors.ConfigError` naming the key, the
   expected type and the value found.
 
-Files are data: they are read with :func:`yaml.safe_load` and nothing in them is evaluated.
+Files are data: they are read with a size-limited :class:`yaml.SafeLoader` and nothing in them
+is evaluated. A recipe file larger than :data:`MAX_RECIPE_BYTES`, a document that expands (through
+anchors and aliases) to more than :data:`MAX_YAML_NODES` values, a recursive alias, a scalar longer
+than :data:`MAX_SCALAR_CHARS` characters or an integer with more than 30 digits is refused with a
+:class:`~flipnet.errors.ConfigError` before anything is built (the "billion laughs" file of issue
+#10 is 800 bytes and used to allocate 1.7 GB). NaN and infinity are refused for every number.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -45,12 +51,29 @@ __all__ = [
     "dump_config",
     "list_recipes",
     "recipe_path",
+    "trajectory_changes",
+    "TRAJECTORY_NEUTRAL_KEYS",
+    "PRECISIONS",
+    "MAX_RECIPE_BYTES",
+    "MAX_YAML_NODES",
+    "MAX_SCALAR_CHARS",
 ]
 
 #: Recipe used by ``flipnet train`` when none is given.
 DEFAULT_RECIPE = "digits_bop"
 
 _AutoBool = Union[bool, Literal["auto"]]
+_Precision = Literal["fp32", "tf32", "bf16", "auto"]
+#: Values of ``train.precision``.
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "auto")
+
+#: Largest recipe file read (bytes).
+MAX_RECIPE_BYTES = 1 << 20
+#: Largest number of values a YAML document may expand to (aliases counted at every use).
+MAX_YAML_NODES = 100_000
+#: Longest scalar (string) in a recipe, in characters.
+MAX_SCALAR_CHARS = 100_000
+_MAX_INT_DIGITS = 30
 
 
 @dataclass
@@ -65,12 +88,19 @@ class DataConfig:
     batch_size: int = 64
     #: evaluation batch size.
     eval_batch_size: int = 1000
-    #: random augmentation of training batches (the data set's default augmentation).
-    augment: bool = False
+    #: random augmentation of training batches: ``false``; ``true`` (the data set's default
+    #: augmentation, e.g. CIFAR-10: crop + horizontal flip, SVHN: crop only); or a list of
+    #: ``crop``/``flip``. Each data set declares what makes sense; others are refused
+    #: (``docs/data.md``).
+    augment: Union[bool, list[Literal["crop", "flip"]]] = False
     #: keep only the first N training examples.
     subset: int | None = None
     #: keep only the first N test examples.
     test_subset: int | None = None
+    #: validation split held out of the training set (after ``subset``): a count, a fraction in
+    #: (0, 1), ``0``/``null`` for none, or ``auto`` (the data set's default: 10% for CIFAR-10,
+    #: SVHN and digits, none for the others). Seeded, stratified, the same for every ``seed``.
+    val_size: Union[int, float, Literal["auto"], None] = "auto"
     #: extra keyword options for ``flipnet.data.load_dataset``.
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -85,6 +115,10 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: run folder or checkpoint file whose model weights initialise this run (weights only).
     init_from: str | None = None
+    #: weight initialisation scheme applied after building (``flipnet.models._init``):
+    #: ``null`` keeps PyTorch's defaults; ``glorot_uniform`` is Keras' default (for recipes
+    #: that reproduce Keras code).
+    init: str | None = None
 
 
 @dataclass
@@ -131,8 +165,15 @@ class TrainConfig:
 
     #: number of epochs.
     epochs: int = 10
-    #: bf16 autocast: ``auto`` (on for CUDA only), ``true`` or ``false``.
-    amp: _AutoBool = "auto"
+    #: arithmetic of the forward/backward pass: ``fp32`` (default: what the papers ran; no
+    #: TF32), ``tf32`` (fp32 with TF32 tensor-core matmuls/convolutions on CUDA: exact for
+    #: binary-by-binary products, rounds real inputs to 10 mantissa bits), ``bf16`` (bf16
+    #: autocast: a bf16 output rounds binary-by-binary sums above 256), or ``auto`` (bf16 on
+    #: CUDA, fp32 elsewhere). The old key ``amp`` (true/false/auto) is read as bf16/fp32/auto.
+    precision: _Precision = "fp32"
+    #: intra-op CPU threads (``torch.set_num_threads``); ``null``: the trainer's default. Results
+    #: depend on it: the same seed and thread count give the same weights, another count may not.
+    threads: int | None = None
     #: ``torch.compile`` the training step: ``auto`` (CUDA only), ``true`` or ``false``.
     compile: _AutoBool = False
     #: channels-last memory format for 4-D inputs: ``auto`` (CUDA only), ``true`` or ``false``.
@@ -156,6 +197,11 @@ class TrainConfig:
     tensorboard: _AutoBool = "auto"
     #: draw loss/accuracy/flip-ratio plots into RUN/plots at the end of the run.
     plots: bool = True
+
+    @property
+    def amp(self) -> bool | str:
+        """The old ``amp`` view of :attr:`precision`: ``"auto"``, ``True`` (bf16) or ``False``."""
+        return {"auto": "auto", "bf16": True}.get(self.precision, False)
 
 
 @dataclass
@@ -220,14 +266,19 @@ class _Mismatch(Exception):
 _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
-def _fix_numbers(value: Any) -> Any:
-    """Read YAML 1.1 strings such as ``1e-3`` (no dot, so not a float in YAML 1.1) as floats."""
+def _fix_numbers(value: Any, where: str = "") -> Any:
+    """Read YAML 1.1 strings such as ``1e-3`` (no dot, so not a float in YAML 1.1) as floats;
+    refuse NaN and infinity (no hyper-parameter or option is meaningful at NaN or infinity)."""
     if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
-        return float(value)
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where or 'a value'} must be a finite number, got {value!r}; fix the recipe or the override")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        raise ConfigError(f"{where or 'a value'} is too large ({len(str(abs(value)))} digits); fix the recipe or the override")
     if isinstance(value, dict):
-        return {k: _fix_numbers(v) for k, v in value.items()}
+        return {k: _fix_numbers(v, _join(where, str(k))) for k, v in value.items()}
     if isinstance(value, list):
-        return [_fix_numbers(v) for v in value]
+        return [_fix_numbers(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -271,7 +322,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise _Mismatch
-        return {k: _fix_numbers(v) for k, v in value.items()}
+        return {k: _fix_numbers(v, _join(where, str(k))) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     if tp is bool:
@@ -280,18 +331,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise _Mismatch
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:
+                raise ConfigError(f"{where} is too large ({len(str(abs(value)))} digits); fix the recipe or the override")
             return value
         raise _Mismatch
     if tp is float:
         if isinstance(value, bool):
             raise _Mismatch
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch from None
+            if not _SCIENTIFIC.match(value.strip()):
+                raise _Mismatch  # "nan", "inf", "infinity", "1_000" and words are not numbers here
+            value = float(value)
+        if isinstance(value, int):
+            if abs(value) >= 2**63:
+                raise ConfigError(f"{where} is too large ({len(str(abs(value)))} digits); fix the recipe or the override")
+            return float(value)
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where} must be a finite number, got {value!r}; fix the recipe or the override")
+            return value
         raise _Mismatch
     if tp is str:
         if isinstance(value, str):
@@ -337,6 +395,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
                 f"{where} needs at least 'key' (the hyper-parameter, e.g. gamma) and 'type' "
                 "(constant, step, linear, cosine, exponential)"
             )
+    if cls is TrainConfig and "amp" in raw:
+        raw["precision"] = _precision_from_amp(raw.pop("amp"), raw.get("precision"), where)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if not isinstance(key, str) or key not in names:
@@ -357,12 +417,31 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return obj
 
 
+def _precision_from_amp(amp: Any, precision: Any, where: str) -> Any:
+    """The old ``train.amp`` key (true/false/auto) as a ``train.precision`` value."""
+    if isinstance(amp, str) and amp.strip().lower() == "auto":
+        value = "auto"
+    elif isinstance(amp, bool):
+        value = "bf16" if amp else "fp32"
+    else:
+        raise ConfigError(
+            f"{_join(where, 'amp')} must be true/false or auto, got {amp!r} "
+            f"(it is the old name of {_join(where, 'precision')}: fp32, tf32, bf16 or auto)"
+        )
+    if precision is not None and precision != value:
+        raise ConfigError(
+            f"{_join(where, 'amp')}={amp!r} and {_join(where, 'precision')}={precision!r} disagree; "
+            f"set only {_join(where, 'precision')} (fp32, tf32, bf16 or auto)"
+        )
+    return value
+
+
 def _positive(obj: Any, where: str, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         v = getattr(obj, name)
         if v is None:
             continue
-        if v < 0 or (v == 0 and not allow_zero):
+        if not (v > 0 or (v == 0 and allow_zero)):  # NaN fails too
             need = "0 or more" if allow_zero else "positive"
             raise ConfigError(f"{_join(where, name)} must be {need}, got {v!r}")
 
@@ -370,8 +449,17 @@ def _positive(obj: Any, where: str, *names: str, allow_zero: bool = False) -> No
 def _check_values(obj: Any, where: str) -> None:
     if isinstance(obj, DataConfig):
         _positive(obj, where, "batch_size", "eval_batch_size", "subset", "test_subset")
+        v = obj.val_size
+        if isinstance(v, float) and not 0.0 <= v < 1.0:
+            raise ConfigError(
+                f"{_join(where, 'val_size')} must be a count (an integer), a fraction in [0, 1), auto or null, got {v!r}"
+            )
+        if isinstance(v, int) and v < 0:
+            raise ConfigError(f"{_join(where, 'val_size')} must be 0 or more, got {v!r}")
+        if isinstance(obj.augment, list) and len(set(obj.augment)) != len(obj.augment):
+            raise ConfigError(f"{_join(where, 'augment')} lists an augmentation twice: {obj.augment!r}")
     elif isinstance(obj, TrainConfig):
-        _positive(obj, where, "epochs", "eval_every", "grad_clip")
+        _positive(obj, where, "epochs", "eval_every", "grad_clip", "threads")
         _positive(obj, where, "nan_check_every", allow_zero=True)
         dev = obj.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
@@ -380,9 +468,15 @@ def _check_values(obj: Any, where: str) -> None:
         _positive(obj, where, "weight_clip")
         obj.binary = obj.binary.strip().lower()
         obj.real = obj.real.strip().lower()
+    elif isinstance(obj, ModelConfig):
+        if obj.init is not None:
+            obj.init = obj.init.strip().lower()
     elif isinstance(obj, Config):
         if obj.seeds is not None and len(obj.seeds) == 0:
             raise ConfigError("seeds must be a non-empty list of integers or null")
+        for label, seed in [("seed", obj.seed)] + [(f"seeds[{i}]", s) for i, s in enumerate(obj.seeds or [])]:
+            if not 0 <= seed < 2**32:
+                raise ConfigError(f"{label} must be an integer in 0..4294967295 (2**32 - 1), got {seed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,12 +513,78 @@ def dump_config(config: Config) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# reading YAML with limits
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """:class:`yaml.SafeLoader` that checks the composed node graph before building any object."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _check_nodes(node)
+        return node
+
+
+def _check_nodes(root: Any) -> None:
+    """Refuse recursive aliases, documents that expand to more than :data:`MAX_YAML_NODES` values,
+    over-long scalars and over-long integers. Cost: linear in the *composed* graph (shared nodes
+    are visited once), so an alias bomb is measured without being expanded."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("the YAML document holds a recursive alias (an anchor used inside itself); remove it")
+        if isinstance(node, yaml.ScalarNode):
+            value = node.value
+            if len(value) > MAX_SCALAR_CHARS:
+                raise ConfigError(f"a YAML value is {len(value):,} characters long (the limit is {MAX_SCALAR_CHARS:,})")
+            if node.tag == "tag:yaml.org,2002:int" and len(value.lstrip("+-").replace("_", "")) > _MAX_INT_DIGITS:
+                raise ConfigError(f"a YAML integer has {len(value)} digits (at most {_MAX_INT_DIGITS} are accepted)")
+            sizes[key] = 1
+            return 1
+        active.add(key)
+        children = node.value if isinstance(node, yaml.SequenceNode) else [c for pair in node.value for c in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"the YAML document expands to more than {MAX_YAML_NODES:,} values (anchors and aliases "
+                    "counted at every use); a recipe is far smaller, so it is refused"
+                )
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    if root is not None:
+        size(root)
+
+
+def _load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` with the limits of :class:`_LimitedLoader` (raises ``yaml.YAMLError`` or
+    :class:`ConfigError`)."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"the YAML text is {len(text):,} characters long (the limit is {MAX_RECIPE_BYTES:,})")
+    loader = _LimitedLoader(text)
+    try:
+        return loader.get_single_data()
+    except (ValueError, OverflowError, RecursionError) as e:  # a constructor's own refusal
+        raise ConfigError(f"the YAML text holds a value that cannot be read ({type(e).__name__}: {e})") from None
+    finally:
+        loader.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
 # overrides
 
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        return _load_yaml_text(text) if text.strip() else None
     except yaml.YAMLError:
         return text
 
@@ -501,9 +661,9 @@ def list_recipes() -> dict[str, str]:
     out: dict[str, str] = {}
     for path in sorted(_recipes_dir().glob("*.yaml")):
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = _load_yaml_text(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"recipe {path} is not valid YAML: {_one_line(e)}") from None
         out[path.stem] = str(raw.get("description", "")) if isinstance(raw, dict) else ""
     return out
 
@@ -531,13 +691,26 @@ def recipe_path(name_or_path: str | os.PathLike) -> Path:
     )
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_RECIPE_BYTES:,} bytes; a recipe is a short YAML file")
+    try:
+        raw = _load_yaml_text(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; a recipe is a YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {_one_line(e)}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -568,3 +741,93 @@ def load_config(
     else:
         raw = _read_yaml(recipe_path(recipe))
     return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+# ---------------------------------------------------------------------------------------------
+# what changes a run's trajectory
+
+#: Keys (and key prefixes) whose change does not change which weights training produces: names,
+#: where files go, evaluation, logging and progress display, where the data and the init
+#: weights are found, and machine/speed settings. Every other key is a trajectory key.
+TRAJECTORY_NEUTRAL_KEYS: tuple[str, ...] = (
+    "name",
+    "description",
+    "output",
+    "data.root",
+    "data.eval_batch_size",
+    "data.test_subset",
+    "model.init_from",
+    "train.eval_every",
+    "train.nan_check_every",
+    "train.track_signs",
+    "train.progress",
+    "train.tensorboard",
+    "train.plots",
+    "train.device",
+    "train.compile",
+    "train.channels_last",
+    "train.cuda_graphs",
+    "train.threads",
+)
+
+
+def _neutral(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in TRAJECTORY_NEUTRAL_KEYS)
+
+
+def _leaves(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _leaves(v, _join(prefix, str(k)), out)
+    else:
+        out[prefix] = value
+
+
+def _as_config(config: Config | dict[str, Any], label: str) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        try:
+            return config_from_dict(config)
+        except ConfigError as e:
+            raise ConfigError(f"the {label} config is not a valid recipe: {e}") from None
+    raise TypeError(f"{label} must be a Config or a mapping, got {type(config).__name__}")
+
+
+def trajectory_changes(
+    stored: Config | dict[str, Any],
+    new: Config | dict[str, Any],
+    *,
+    extra_stored: dict[str, Any] | None = None,
+    extra_new: dict[str, Any] | None = None,
+) -> list[str]:
+    """The dotted keys whose values differ between two configs and change the training trajectory.
+
+    Used by ``flipnet train --resume`` to refuse a resume that would not continue the same run
+    (unless forced). Trajectory keys are every key except :data:`TRAJECTORY_NEUTRAL_KEYS`: the
+    seed(s), every ``data`` key that selects or orders training samples (name, batch size,
+    subset, validation split, augmentation, options), the model, every optimizer
+    hyper-parameter and schedule, ``train.epochs`` (schedules stretch over the run),
+    ``train.precision`` and ``train.grad_clip``. Mappings are compared key by key
+    (``optim.binary_kwargs.gamma``), lists as a whole (``optim.schedules``); ``1`` and ``1.0``
+    are equal.
+
+    Args:
+        stored: the run's config (a :class:`Config` or the mapping read from its config.yaml).
+        new: the config of the resume.
+        extra_stored, extra_new: facts outside the recipe that also fix the trajectory, e.g.
+            ``{"world_size": 2}``; a key present in either and different is reported.
+
+    Returns:
+        Sorted dotted keys, empty when the resume continues the same trajectory.
+
+    Raises:
+        ConfigError: a mapping that is not a valid recipe.
+    """
+    a, b = {}, {}
+    _leaves(config_to_dict(_as_config(stored, "stored")), "", a)
+    _leaves(config_to_dict(_as_config(new, "new")), "", b)
+    changed = {k for k in set(a) | set(b) if not _neutral(k) and (k not in a or k not in b or a[k] != b[k])}
+    ea, eb = dict(extra_stored or {}), dict(extra_new or {})
+    changed |= {k for k in set(ea) | set(eb) if ea.get(k) != eb.get(k)}
+    return sorted(changed)
