@@ -9,6 +9,9 @@ See ``docs/data.md`` for every data set, where it is looked for, and the loader 
 
 from flipnet.data import cifar10, digits, mnist, pets, svhn, synthetic  # noqa: F401  (register the data sets)
 from flipnet.data.base import (
+    AUGMENTATIONS,
+    VAL_SPLIT_SEED,
+    AugmentPolicy,
     DataFormatError,
     DatasetBundle,
     dataset_options,
@@ -17,13 +20,19 @@ from flipnet.data.base import (
     list_datasets,
     load_dataset,
     register_dataset,
+    resolve_augment,
+    resolve_val_size,
+    split_validation,
 )
 from flipnet.data.cifar10 import load_lossless_subset
 from flipnet.data.gpu_loader import MASK_FILL, GpuLoader, augment_batch, scale_images
 from flipnet.data.loader import HostLoader, make_loader
 
 __all__ = [
+    "AUGMENTATIONS",
     "MASK_FILL",
+    "VAL_SPLIT_SEED",
+    "AugmentPolicy",
     "DataFormatError",
     "DatasetBundle",
     "GpuLoader",
@@ -37,5 +46,8 @@ __all__ = [
     "load_lossless_subset",
     "make_loader",
     "register_dataset",
+    "resolve_augment",
+    "resolve_val_size",
     "scale_images",
+    "split_validation",
 ]

@@ -40,6 +40,7 @@ from flipnet.data.base import (
     check_subset,
     default_root,
     not_found,
+    AugmentPolicy,
     register_dataset,
     resolve_root,
     short_reason,
@@ -440,6 +441,8 @@ def _bundle(arrays: tuple[np.ndarray, ...], info: dict[str, Any]) -> DatasetBund
     "cifar10",
     "CIFAR-10, 3x32x32, 10 classes, 50,000 train / 10,000 test (pickles, download or offline JPEG rebuild)",
     shape=((3, 32, 32), 10),
+    val_size=0.1,
+    augment=AugmentPolicy(("crop", "flip"), ("crop", "flip"), pad=4),
 )
 def load_cifar10(
     root: str | os.PathLike | None = None,
@@ -507,7 +510,8 @@ def _download(root: Path) -> None:
 
 
 @register_dataset(
-    "cifar10_lossless", "CIFAR-10 original pixels: train[0:4000] / test[0:1000] (offline folder)", shape=((3, 32, 32), 10)
+    "cifar10_lossless", "CIFAR-10 original pixels: train[0:4000] / test[0:1000] (offline folder)", shape=((3, 32, 32), 10),
+    augment=AugmentPolicy(("crop", "flip"), ("crop", "flip"), pad=4),
 )
 def load_cifar10_lossless(
     root: str | os.PathLike | None = None,

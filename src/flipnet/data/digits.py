@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from flipnet.data.base import DatasetBundle, check_subset, register_dataset
+from flipnet.data.base import FLIP_CHANGES_DIGITS, AugmentPolicy, DatasetBundle, check_subset, register_dataset
 
 __all__ = ["load_digits", "DIGITS_TEST_SIZE", "DIGITS_SPLIT_SEED"]
 
@@ -17,7 +17,13 @@ DIGITS_SPLIT_SEED = 0
 """``random_state`` of the stratified split."""
 
 
-@register_dataset("digits", "scikit-learn 8x8 digits, 1x8x8, 10 classes, 1,437 train / 360 test (offline)", shape=((1, 8, 8), 10))
+@register_dataset(
+    "digits",
+    "scikit-learn 8x8 digits, 1x8x8, 10 classes, 1,437 train / 360 test (offline)",
+    shape=((1, 8, 8), 10),
+    val_size=0.1,
+    augment=AugmentPolicy(("crop",), ("crop",), pad=1, reasons={"flip": FLIP_CHANGES_DIGITS}),
+)
 def load_digits(
     root: str | os.PathLike | None = None,
     *,

@@ -9,14 +9,20 @@ Semantics shared by :class:`GpuLoader` and :class:`flipnet.data.loader.HostLoade
   takes positions ``r, r + world_size, ...``. Every rank gets the same number of samples and
   batches; without ``drop_last`` up to ``world_size - 1`` samples repeat in an epoch.
 * **Augmentation** (``augment=True``): a random crop after zero-padding each side by ``pad``
-  pixels (offsets uniform in ``0..2*pad``) and a horizontal flip with probability 1/2, done for
-  the whole batch with one gather (no per-image Python loop). Segmentation masks get the same
+  pixels (offsets uniform in ``0..2*pad``; ``pad=0``: no crop) and, unless ``flip=False``, a
+  horizontal flip with probability 1/2, done for the whole batch with one gather (no per-image
+  Python loop). :func:`flipnet.data.make_loader` picks these from what the data set declares. Segmentation masks get the same
   crop and flip; padded mask pixels get ``mask_fill`` (default ``-100``, the ``ignore_index`` of
   ``torch.nn.CrossEntropyLoss``). The parameters depend on ``seed``, the epoch and the rank.
 * **Scaling.** Images come out as ``x / 127.5 - 1`` in ``[-1, 1]`` (float32 unless ``dtype``
   says otherwise); labels/masks as int64.
 * **Epochs.** ``set_epoch(e)`` selects the epoch of the next pass; a pass without it uses the
   epoch after the previous pass, so plain ``for epoch in ...: for x, y in loader`` reshuffles.
+* **A lone last sample** (``drop_lone_last=True``, what ``make_loader`` sets for training): when
+  an epoch's last batch would hold a single sample (``samples % batch_size == 1`` with
+  ``batch_size > 1``), that sample is left out of the epoch. BatchNorm cannot normalise one
+  sample per channel in training mode, and as the order is reshuffled every epoch a different
+  sample is left out each time.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from flipnet.errors import ConfigError
 
 __all__ = ["GpuLoader", "EpochPlan", "augment_batch", "scale_images", "MASK_FILL"]
 
@@ -108,6 +116,8 @@ class _PlannedLoader:
         rank: int,
         world_size: int,
         pad: int,
+        flip: bool = True,
+        drop_lone_last: bool = False,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -126,11 +136,20 @@ class _PlannedLoader:
         self.rank = rank
         self.world_size = world_size
         self.pad = pad
+        self.flip = bool(flip)
         total = (n // world_size) * world_size if drop_last else math.ceil(n / world_size) * world_size
         self.num_samples = total // world_size
         """Samples this rank reads per epoch."""
+        lone = drop_lone_last and batch_size > 1 and self.num_samples % batch_size == 1
+        self.drops_lone_sample = bool(lone)
+        """Whether each epoch leaves out one sample that would form a batch of one."""
+        if lone and self.num_samples == 1:
+            raise ConfigError(
+                f"{n} training sample(s) over {world_size} rank(s) give one sample per rank; BatchNorm cannot "
+                "train on a batch of one: use more samples (data.subset) or fewer ranks"
+            )
         self._num_batches = (
-            self.num_samples // batch_size if drop_last else math.ceil(self.num_samples / batch_size)
+            self.num_samples // batch_size if drop_last or lone else math.ceil(self.num_samples / batch_size)
         )
         if self._num_batches == 0:
             raise ValueError(
@@ -179,6 +198,8 @@ class _PlannedLoader:
             ox = torch.randint(0, 2 * self.pad + 1, (s,), generator=g)
             oy = torch.randint(0, 2 * self.pad + 1, (s,), generator=g)
             flip = torch.rand(s, generator=g) < 0.5
+            if not self.flip:
+                flip = torch.zeros(s, dtype=torch.bool)
         else:
             ox = oy = torch.full((s,), self.pad, dtype=torch.int64)
             flip = torch.zeros(s, dtype=torch.bool)
@@ -212,6 +233,8 @@ class GpuLoader(_PlannedLoader):
         dtype: floating dtype of the scaled images.
         channels_last: return images in ``torch.channels_last`` memory format.
         mask_fill: mask value of padded pixels in segmentation crops.
+        flip: with ``augment``, also flip horizontally (``False``: crop only).
+        drop_lone_last: leave out the sample that would form a last batch of one.
     """
 
     def __init__(
@@ -231,11 +254,13 @@ class GpuLoader(_PlannedLoader):
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         mask_fill: int = MASK_FILL,
+        flip: bool = True,
+        drop_lone_last: bool = False,
     ) -> None:
         _check_xy(x, y)
         super().__init__(
             len(x), batch_size, shuffle=shuffle, augment=augment, drop_last=drop_last,
-            seed=seed, rank=rank, world_size=world_size, pad=pad,
+            seed=seed, rank=rank, world_size=world_size, pad=pad, flip=flip, drop_lone_last=drop_lone_last,
         )
         self._set_output(device, dtype, channels_last, mask_fill)
         self.x = x.to(self.device)

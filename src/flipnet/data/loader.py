@@ -13,12 +13,12 @@ Two loaders with the same semantics (order, sharding, augmentation, scaling; see
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from flipnet.data.base import DatasetBundle
+from flipnet.data.base import DatasetBundle, resolve_augment
 from flipnet.data.gpu_loader import (
     MASK_FILL,
     GpuLoader,
@@ -95,11 +95,13 @@ class HostLoader(_PlannedLoader):
         channels_last: bool = False,
         mask_fill: int = MASK_FILL,
         num_workers: int = 0,
+        flip: bool = True,
+        drop_lone_last: bool = False,
     ) -> None:
         _check_xy(x, y)
         super().__init__(
             len(x), batch_size, shuffle=shuffle, augment=augment, drop_last=drop_last,
-            seed=seed, rank=rank, world_size=world_size, pad=pad,
+            seed=seed, rank=rank, world_size=world_size, pad=pad, flip=flip, drop_lone_last=drop_lone_last,
         )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -153,13 +155,13 @@ def make_loader(
     *,
     train: bool,
     device: torch.device | str | None = None,
-    augment: bool = False,
+    augment: bool | Sequence[str] = False,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
     resident: bool | None = None,
     drop_last: bool = False,
-    pad: int = 4,
+    pad: int | None = None,
     num_workers: int = 0,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
@@ -169,32 +171,42 @@ def make_loader(
 
     Args:
         bundle: the data set.
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"val"`` (when the bundle holds one) or ``"test"``.
         batch_size: samples per batch per rank.
-        train: shuffle every epoch (and allow augmentation); ``False`` keeps the data order.
+        train: shuffle every epoch, allow augmentation and leave out a sample that would form a
+            last batch of one (BatchNorm cannot train on it; a different sample each epoch);
+            ``False`` keeps the data order and every sample.
         device: default CUDA when available, else CPU.
-        augment: random crop (``pad``-pixel zero padding) + horizontal flip; only applied when
-            ``train`` is true, so evaluation never sees augmented images.
+        augment: ``True``: the augmentations the data set declares as its default (CIFAR-10:
+            random crop after ``pad``-pixel zero padding + horizontal flip; SVHN, MNIST and
+            digits: crop only); a list of ``"crop"``/``"flip"``: those, each of which the data
+            set must allow (:func:`flipnet.data.base.resolve_augment` refuses, with the reason,
+            e.g. a flip of digits). Only applied when ``train`` is true, so evaluation never sees
+            augmented images.
         seed: base seed of shuffling and augmentation (combined with the epoch and rank).
         rank, world_size: data-parallel shard.
         resident: ``True`` keeps the split on the device (:class:`GpuLoader`), ``False`` streams
             it from host memory (:class:`HostLoader`); ``None`` picks ``GpuLoader`` when the split
             fits in ``max_device_fraction`` of the free device memory.
         drop_last: drop the last partial batch (and samples that do not split evenly over ranks).
-        pad, num_workers, dtype, channels_last: see :class:`GpuLoader` / :class:`HostLoader`.
+        pad: the crop's padding (``None``: the data set's declared pad, 4 for 32×32 images).
+        num_workers, dtype, channels_last: see :class:`GpuLoader` / :class:`HostLoader`.
         max_device_fraction: budget for ``resident=None``.
 
     Note: evaluation with ``world_size > 1`` repeats up to ``world_size - 1`` samples to keep the
     ranks in step (as ``DistributedSampler`` does); evaluate on one rank for exact numbers.
     """
     x, y = bundle.split(split)
+    augs, policy_pad = resolve_augment(bundle.name, augment) if train else ((), 0)
+    pad = (policy_pad if pad is None else pad) if "crop" in augs else 0
     dev = torch.device(device) if device is not None else _default_device()
     if resident is None:
         nbytes = x.numel() * x.element_size() + y.numel() * (1 if y.dim() == 3 else y.element_size())
         resident = fits_on_device(nbytes, dev, max_device_fraction)
     kwargs: dict[str, Any] = dict(
-        shuffle=train, augment=augment and train, drop_last=drop_last, device=dev, seed=seed, rank=rank,
-        world_size=world_size, pad=pad, dtype=dtype, channels_last=channels_last,
+        shuffle=train, augment=bool(augs), drop_last=drop_last, device=dev, seed=seed, rank=rank,
+        world_size=world_size, pad=pad, dtype=dtype, channels_last=channels_last, flip="flip" in augs,
+        drop_lone_last=train,
     )
     if resident:
         return GpuLoader(x, y, batch_size, **kwargs)

@@ -15,6 +15,8 @@ from flipnet.data.base import (
     DatasetBundle,
     check_subset,
     not_found,
+    FLIP_CHANGES_DIGITS,
+    AugmentPolicy,
     register_dataset,
     resolve_root,
     short_reason,
@@ -168,7 +170,8 @@ def _download(name: str, root: Path) -> None:
 
 
 @register_dataset(
-    "mnist", "MNIST handwritten digits, 1x28x28, 10 classes, 60,000 train / 10,000 test (IDX files)", shape=((1, 28, 28), 10)
+    "mnist", "MNIST handwritten digits, 1x28x28, 10 classes, 60,000 train / 10,000 test (IDX files)", shape=((1, 28, 28), 10),
+    augment=AugmentPolicy(("crop",), ("crop",), pad=2, reasons={"flip": FLIP_CHANGES_DIGITS}),
 )
 def load_mnist(
     root: str | os.PathLike | None = None,
@@ -191,7 +194,8 @@ def load_mnist(
 
 
 @register_dataset(
-    "fashion_mnist", "Fashion-MNIST, 1x28x28, 10 classes, 60,000 train / 10,000 test (IDX files)", shape=((1, 28, 28), 10)
+    "fashion_mnist", "Fashion-MNIST, 1x28x28, 10 classes, 60,000 train / 10,000 test (IDX files)", shape=((1, 28, 28), 10),
+    augment=AugmentPolicy(("crop", "flip"), ("crop", "flip"), pad=2),
 )
 def load_fashion_mnist(
     root: str | os.PathLike | None = None,

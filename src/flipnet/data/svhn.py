@@ -10,6 +10,8 @@ import torch
 
 from flipnet.data.base import (
     DataFormatError,
+    FLIP_CHANGES_DIGITS,
+    AugmentPolicy,
     DatasetBundle,
     check_subset,
     not_found,
@@ -59,7 +61,9 @@ def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register_dataset(
-    "svhn", "SVHN cropped digits, 3x32x32, 10 classes, 73,257 train / 26,032 test (.mat files)", shape=((3, 32, 32), 10)
+    "svhn", "SVHN cropped digits, 3x32x32, 10 classes, 73,257 train / 26,032 test (.mat files)", shape=((3, 32, 32), 10),
+    val_size=0.1,
+    augment=AugmentPolicy(("crop",), ("crop",), pad=4, reasons={"flip": FLIP_CHANGES_DIGITS}),
 )
 def load_svhn(
     root: str | os.PathLike | None = None,
