@@ -7,7 +7,7 @@
 See ``docs/data.md`` for every data set, where it is looked for, and the loader semantics.
 """
 
-from flipnet.data import cifar10, digits, mnist, pets, svhn, synthetic  # noqa: F401  (register the data sets)
+from flipnet.data import cifar10, digits, imagenet, mnist, pets, svhn, synthetic  # noqa: F401  (register the data sets)
 from flipnet.data.base import (
     AUGMENTATIONS,
     VAL_SPLIT_SEED,

@@ -1,0 +1,176 @@
+"""Distillation: the distributional loss against a hand computation, teacher loading, a few steps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from flipnet.errors import CheckpointError, ConfigError
+from flipnet.models import create_model
+from flipnet.optim import create_optimizer
+from flipnet.train.distill import DistillationLoss, DistillSpec, build_teacher, distribution_loss, read_state_dict
+
+
+def _hand_loss(s: list[list[float]], t: list[list[float]], temp: float, kl: bool) -> float:
+    total = 0.0
+    for zs, zt in zip(s, t):
+        es = [math.exp(v / temp) for v in zs]
+        et = [math.exp(v / temp) for v in zt]
+        ps = [v / sum(es) for v in es]
+        pt = [v / sum(et) for v in et]
+        ce = -sum(a * math.log(b) for a, b in zip(pt, ps))
+        if kl:
+            ce += sum(a * math.log(a) for a in pt)
+        total += ce
+    return total / len(s) * temp * temp
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("kind", ["cross_entropy", "kl"])
+def test_loss_matches_hand_computation(temp: float, kind: str) -> None:
+    s = [[1.0, -0.5, 2.0], [0.0, 0.3, -1.2]]
+    t = [[0.5, 0.5, 3.0], [-2.0, 1.0, 0.0]]
+    got = distribution_loss(torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64),
+                            temperature=temp, kind=kind)
+    assert float(got) == pytest.approx(_hand_loss(s, t, temp, kind == "kl"), rel=1e-6)
+
+
+def test_reference_form_and_kl_properties() -> None:
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7)
+    # the reference's form: -bmm(softmax(t) (N,1,C), log_softmax(s) (N,C,1)).mean()
+    ref = -torch.bmm(torch.softmax(t, 1).unsqueeze(1), torch.log_softmax(s, 1).unsqueeze(2)).mean()
+    ce = distribution_loss(s, t)
+    torch.testing.assert_close(ce, ref)
+    kl = distribution_loss(s, t, kind="kl")
+    assert float(distribution_loss(t, t, kind="kl")) == pytest.approx(0.0, abs=1e-6)
+    g_ce = torch.autograd.grad(ce, s)[0]
+    g_kl = torch.autograd.grad(kl, s)[0]
+    torch.testing.assert_close(g_ce, g_kl)  # same gradient, values differ by the teacher entropy
+    assert float(kl.detach()) < float(ce.detach())
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match="temperature"):
+        distribution_loss(torch.zeros(1, 2), torch.zeros(1, 2), temperature=0.0)
+    with pytest.raises(ConfigError, match="kind"):
+        distribution_loss(torch.zeros(1, 2), torch.zeros(1, 2), kind="mse")
+    with pytest.raises(ValueError, match="same classes"):
+        distribution_loss(torch.zeros(1, 2), torch.zeros(1, 3))
+    with pytest.raises(ConfigError, match="checkpoint is required"):
+        DistillSpec(teacher="resnet18").validate()
+    with pytest.raises(ConfigError, match="weight"):
+        DistillSpec(teacher="resnet18", checkpoint="x", weight=1.5).validate()
+
+
+def _teacher_file(tmp_path: Path, fmt: str) -> tuple[Path, nn.Module]:
+    torch.manual_seed(1)
+    teacher = create_model("binary_mlp", mode="float", input_size=8, num_classes=4, hidden_sizes=(16,))
+    state = teacher.state_dict()
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "teacher.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, str(path))
+    elif fmt == "ddp":
+        path = tmp_path / "teacher.pth"
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    else:
+        path = tmp_path / "teacher.pt"
+        torch.save(state, path)
+    return path, teacher
+
+
+@pytest.mark.parametrize("fmt", ["plain", "ddp", "safetensors"])
+def test_teacher_loads_from_files(tmp_path: Path, fmt: str) -> None:
+    path, reference = _teacher_file(tmp_path, fmt)
+    spec = DistillSpec(teacher="binary_mlp", teacher_kwargs={"mode": "float", "input_size": 8, "hidden_sizes": [16]},
+                       checkpoint=str(path))
+    teacher = build_teacher(spec, num_classes=4, in_channels=1)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    x = torch.randn(3, 1, 8, 8)
+    reference.eval()
+    torch.testing.assert_close(teacher(x), reference(x))
+
+
+def test_teacher_errors(tmp_path: Path) -> None:
+    spec = DistillSpec(teacher="binary_mlp", teacher_kwargs={"mode": "float", "input_size": 8}, checkpoint=str(tmp_path / "no.pt"))
+    with pytest.raises(CheckpointError, match="cannot download"):
+        build_teacher(spec, num_classes=4, in_channels=1)
+    path, _ = _teacher_file(tmp_path, "plain")
+    spec.checkpoint = str(path)  # hidden size 256 by default: does not fit the 16-unit file
+    with pytest.raises(CheckpointError, match="do not fit"):
+        build_teacher(spec, num_classes=4, in_channels=1)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_state_dict(bad)
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": object.__new__(_Unsafe)}, evil)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_state_dict(evil)  # weights_only=True refuses arbitrary objects
+
+
+class _Unsafe:
+    pass
+
+
+def test_torchvision_teacher_is_built_without_weights(tmp_path: Path) -> None:
+    import torchvision
+
+    tv = torchvision.models.resnet18(weights=None, num_classes=5)
+    path = tmp_path / "resnet18.pth"
+    torch.save(tv.state_dict(), path)
+    teacher = build_teacher(DistillSpec(teacher="torchvision:resnet18", checkpoint=str(path)), num_classes=5, in_channels=3)
+    x = torch.randn(1, 3, 32, 32)
+    tv.eval()
+    torch.testing.assert_close(teacher(x), tv(x))
+    with pytest.raises(ConfigError, match="never downloads"):
+        build_teacher(DistillSpec(teacher="torchvision:resnet18", checkpoint=str(path), teacher_kwargs={"weights": "DEFAULT"}),
+                      num_classes=5, in_channels=3)
+
+
+def test_teacher_is_not_part_of_the_student(tmp_path: Path) -> None:
+    path, _ = _teacher_file(tmp_path, "plain")
+    loss = DistillationLoss.from_spec(
+        DistillSpec(teacher="binary_mlp", teacher_kwargs={"mode": "float", "input_size": 8, "hidden_sizes": [16]}, checkpoint=str(path)),
+        num_classes=4, in_channels=1,
+    )
+    assert list(loss.parameters()) == [] and loss.state_dict() == {}
+    assert "teacher=" in repr(loss)
+
+
+def test_mixed_weight_adds_label_cross_entropy(tmp_path: Path) -> None:
+    path, teacher = _teacher_file(tmp_path, "plain")
+    teacher.eval()
+    loss = DistillationLoss(teacher, weight=0.25, temperature=2.0)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    s = torch.randn(4, 4)
+    with torch.no_grad():
+        t = teacher(x)
+    expected = 0.25 * distribution_loss(s, t, temperature=2.0) + 0.75 * nn.functional.cross_entropy(s, y)
+    torch.testing.assert_close(loss(s, y, x), expected)
+
+
+def test_a_few_distilled_steps_move_the_student_towards_the_teacher(tmp_path: Path) -> None:
+    path, teacher = _teacher_file(tmp_path, "plain")
+    loss_fn = DistillationLoss(teacher.eval())
+    torch.manual_seed(0)
+    student = create_model("reactnet_a", num_classes=4, in_channels=1, small_input=True, base_width=2)
+    opt = create_optimizer(student, binary="adam", binary_kwargs={"lr": 1e-2}, real="adam", real_kwargs={"lr": 1e-2})
+    x = torch.randn(16, 1, 32, 32)
+    x_teacher = nn.functional.adaptive_avg_pool2d(x, 8)
+    wrapped = DistillationLoss(nn.Sequential(nn.AdaptiveAvgPool2d(8), teacher).eval())
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = wrapped(student(x), torch.zeros(16, dtype=torch.long), x)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert loss_fn.teacher_logits(x_teacher).shape == (16, 4)
