@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flipnet.optim import CEMA, HyperparamScheduler, Linear
+from flipnet.optim import CEMA
+from flipnet.optim.schedules import HyperparamScheduler, Linear
 
 from _optim_helpers import no_host_sync, step_with_meta_hyperparameters, train_split_and_resume
 

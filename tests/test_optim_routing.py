@@ -12,7 +12,7 @@ from torch import nn
 
 import flipnet
 from flipnet.layers import BinaryLinear
-from flipnet.optim import CEMA, Bop, Bop2ndOrder, RoutedOptimizer, create_optimizer
+from flipnet.optim import CEMA, Bop, Bop2ndOrder, RoutedOptimizer, create_optimizer, prepare_model_for
 
 from _optim_helpers import no_host_sync
 
@@ -75,7 +75,7 @@ def test_bad_routes():
 
 
 def test_param_groups_are_shared_and_tagged_with_routes():
-    model = mlp()
+    model = prepare_model_for(mlp(), "bop")
     opt = create_optimizer(model, "bop", {"gamma": 1e-2}, "adam", {"lr": 1e-2})
     assert isinstance(opt, torch.optim.Optimizer)
     assert [g["route"] for g in opt.param_groups] == ["binary", "real"]
@@ -87,7 +87,7 @@ def test_param_groups_are_shared_and_tagged_with_routes():
 
 
 def test_torch_lr_scheduler_runs_over_the_router():
-    model = mlp()
+    model = prepare_model_for(mlp(), "bop")
     opt = create_optimizer(model, "bop", {"gamma": 1e-2}, "adam", {"lr": 1e-2})
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
     train(model, opt, 4, scheduler=sched)
@@ -125,7 +125,7 @@ def test_state_dict_round_trips_across_fresh_instances():
 def test_load_state_dict_with_other_routes_is_an_error():
     model = mlp("flip")
     opt = create_optimizer(model, "bop", None, "adam", None)
-    other = create_optimizer(mlp("flip"), "bop", None, "none", None)
+    other = create_optimizer(prepare_model_for(mlp("flip"), "bop", "none"), "bop", None, "none", None)
     with pytest.raises(ValueError, match=r"routes \['binary'\] but this optimizer has \['binary', 'real'\]"):
         opt.load_state_dict(other.state_dict())
     with pytest.raises(ValueError, match="not a RoutedOptimizer state dict"):
@@ -179,8 +179,12 @@ def test_closure_is_evaluated_once():
     [("bop", Bop, None), ("Bop2ndOrder", Bop2ndOrder, None), ("bop2", Bop2ndOrder, None),
      ("cema", CEMA, {"alpha": 1e-3, "gamma": 0.1})],
 )
-def test_flip_optimizers_put_layers_in_flip_mode(binary, cls, kwargs):
+def test_prepare_model_for_puts_layers_in_flip_mode(binary, cls, kwargs):
     model = mlp("latent")
+    with pytest.raises(ValueError, match=r"layer\(s\) 0, 2 are in latent mode; call flipnet.optim.prepare_model_for"):
+        create_optimizer(model, binary, kwargs)
+    assert all(m.weight_mode == "latent" for _, m in flipnet.binary_modules(model))  # untouched
+    assert prepare_model_for(model, binary) is model
     opt = create_optimizer(model, binary, kwargs)
     assert isinstance(opt.optimizers["binary"], cls)
     assert isinstance(opt.optimizers["real"], torch.optim.Adam)
@@ -233,35 +237,43 @@ def test_latent_baseline_counts_sign_changes():
 
 def test_none_freezes_the_route():
     model = mlp("flip")
-    opt = create_optimizer(model, "none", None, "sgd", {"lr": 0.1})
+    with pytest.raises(ValueError, match=r"binary='none' leaves the binary parameters untrained, but 2 of them"):
+        create_optimizer(model, "none", None, "sgd", {"lr": 0.1})
+    assert all(p.requires_grad for p in flipnet.binary_parameters(model))
+    opt = create_optimizer(prepare_model_for(model, "none", "sgd"), "none", None, "sgd", {"lr": 0.1})
     assert list(opt.optimizers) == ["real"]
     assert not any(p.requires_grad for p in flipnet.binary_parameters(model))
     before = [p.detach().clone() for p in flipnet.binary_parameters(model)]
     train(model, opt, 2)
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, flipnet.binary_parameters(model)))
-    model = mlp("flip")
+    model = prepare_model_for(mlp("flip"), "bop", "none")
     opt = create_optimizer(model, "bop", None, "none")
     assert list(opt.optimizers) == ["binary"]
     assert not any(p.requires_grad for p in flipnet.real_parameters(model))
     with pytest.raises(ValueError, match="nothing to train"):
-        create_optimizer(mlp("flip"), "none", None, "none")
+        create_optimizer(prepare_model_for(mlp("flip"), "none", "none"), "none", None, "none")
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"binary": "lion"}, r"unknown binary optimizer 'lion'; valid names: bop, bop2ndorder, bop2, cema, adam, adamw, sgd, none"),
-        ({"real": "bop"}, r"unknown real optimizer 'bop'; valid names: adam, adamw, sgd, none"),
+        ({"binary": "bopp"}, r"unknown binary optimizer 'bopp'; did you mean 'bop'\? valid names: bop, "),
+        ({"real": "bop"}, r"'bop' is a flip optimizer, which the real route does not take; valid names: adam, adamw, sgd, none"),
         ({"binary": "bop", "weight_clip": 1.0}, "weight_clip clamps latent weights"),
         ({"binary": "sgd", "binary_kwargs": {"lr": 0.1}, "weight_clip": -1.0}, "weight_clip must be a positive number"),
-        ({"binary": "cema"}, "CEMA has no default hyperparameters"),
+        ({"binary": "cema"}, r"'cema' \(CEMA \(Quist et al. 2023\).*\) has no default for alpha, gamma: pass binary_kwargs="),
+        ({"binary": "cema", "binary_kwargs": {"gamma": 0.1}}, r"has no default for alpha: pass binary_kwargs=\{'alpha': ..., 'gamma': ...\}"),
         ({"binary": "bop", "binary_kwargs": {"lr": 0.1}}, r"binary_kwargs \{'lr': 0.1.*do not fit optimizer 'bop'"),
         ({"binary": "bop", "binary_kwargs": {"gamma": 2.0}}, r"gamma must be in \(0, 1\]"),
     ],
 )
 def test_create_optimizer_errors(kwargs, match):
+    model = mlp("latent")
+    if kwargs.get("binary") in ("bop", "cema"):
+        prepare_model_for(model, kwargs["binary"])
     with pytest.raises(ValueError, match=match):
-        create_optimizer(mlp("latent"), **kwargs)
+        create_optimizer(model, **kwargs)
 
 
 def test_model_without_binary_layers_gets_only_a_real_route():
@@ -272,7 +284,7 @@ def test_model_without_binary_layers_gets_only_a_real_route():
 
 @pytest.mark.parametrize("binary, kwargs", [("bop", {"gamma": 0.5}), ("sgd", {"lr": 0.5})])
 def test_routed_step_with_counting_and_clipping_does_not_sync(binary, kwargs):
-    model = mlp("latent")
+    model = prepare_model_for(mlp("latent"), binary, "sgd")
     opt = create_optimizer(model, binary, kwargs, "sgd", {"lr": 0.1}, weight_clip=0.5 if binary == "sgd" else None)
     train(model, opt, 1)  # creates state and counters
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))

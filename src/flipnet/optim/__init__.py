@@ -1,35 +1,24 @@
-"""Flip optimizers, routing of binary and real parameters, and hyperparameter schedules.
+"""Flip optimizers, routing of binary and real parameters, and the optimizer registry.
 
-See ``docs/optimizers.md`` and ``docs/schedules.md``.
+Hyperparameter schedules live in :mod:`flipnet.optim.schedules`. See ``docs/optimizers.md``
+and ``docs/schedules.md``.
 """
 
 from __future__ import annotations
 
-from . import schedules
 from .base import FlipOptimizer, HyperparamRange
-from .bop import Bop
+from .routing import RoutedOptimizer
+from .factory import (  # noqa: I001  (after routing: the factory builds RoutedOptimizers)
+    OptimInfo,
+    create_optimizer,
+    get_optimizer_info,
+    list_optimizers,
+    prepare_model_for,
+    register_optimizer,
+)
+from .bop import Bop  # noqa: I001  (registers itself in the factory)
 from .bop2 import Bop2ndOrder
 from .cema import CEMA
-from .routing import (
-    BINARY_OPTIMIZERS,
-    FLIP_OPTIMIZERS,
-    REAL_OPTIMIZERS,
-    RoutedOptimizer,
-    create_optimizer,
-    weight_clip_constraint,
-)
-from .schedules import (
-    Constant,
-    Cosine,
-    Exponential,
-    HyperparamScheduler,
-    Lambda,
-    Linear,
-    Schedule,
-    StepDecay,
-    schedule_from_dict,
-    scheduler_from_dict,
-)
 
 __all__ = [
     "FlipOptimizer",
@@ -38,20 +27,10 @@ __all__ = [
     "Bop2ndOrder",
     "CEMA",
     "RoutedOptimizer",
+    "OptimInfo",
+    "register_optimizer",
+    "list_optimizers",
+    "get_optimizer_info",
+    "prepare_model_for",
     "create_optimizer",
-    "weight_clip_constraint",
-    "BINARY_OPTIMIZERS",
-    "REAL_OPTIMIZERS",
-    "FLIP_OPTIMIZERS",
-    "schedules",
-    "Schedule",
-    "Constant",
-    "StepDecay",
-    "Linear",
-    "Cosine",
-    "Exponential",
-    "Lambda",
-    "HyperparamScheduler",
-    "schedule_from_dict",
-    "scheduler_from_dict",
 ]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import FlipOptimizer, Hyperparameter, HyperparamRange, foreach_lerp_
+from .factory import OptimInfo, register_optimizer
 
 __all__ = ["Bop"]
 
@@ -48,7 +49,7 @@ class Bop(FlipOptimizer):
         flip (:math:`w m > \tau` strictly); the two agree everywhere else.
 
     Example:
-        >>> model = flipnet.set_weight_mode(model, "flip")
+        >>> model = flipnet.set_weight_mode(model, "flip")  # or flipnet.optim.prepare_model_for(model, "bop")
         >>> opt = Bop(flipnet.binary_parameters(model), gamma=1e-3, threshold=1e-6)
     """
 
@@ -77,3 +78,6 @@ class Bop(FlipOptimizer):
 
     def _score(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], out: Tensor) -> Tensor:
         return torch.mul(p, state["m"], out=out)  # w·m
+
+
+register_optimizer(OptimInfo("bop", Bop, "flip", description="Bop (Helwegen et al. 2019)"))

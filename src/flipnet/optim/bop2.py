@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .base import FlipOptimizer, Hyperparameter, HyperparamRange, foreach_lerp_
+from .factory import OptimInfo, register_optimizer
 
 __all__ = ["Bop2ndOrder", "EPS"]
 
@@ -97,3 +98,7 @@ class Bop2ndOrder(FlipOptimizer):
             torch.sqrt(v, out=out).add_(EPS)
             torch.div(m, out, out=out)
         return out.mul_(p)
+
+
+register_optimizer(OptimInfo("bop2ndorder", Bop2ndOrder, "flip", aliases=("bop2",),
+                             description="Bop2ndOrder (Suarez-Ramirez et al. 2021)"))

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import FlipOptimizer, Hyperparameter, HyperparamRange, foreach_lerp_
+from .factory import OptimInfo, register_optimizer
 
 __all__ = ["CEMA"]
 
@@ -77,3 +78,9 @@ class CEMA(FlipOptimizer):
 
     def _score(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], out: Tensor) -> Tensor:
         return torch.mul(p, state["inertia"], out=out)  # I·w
+
+
+register_optimizer(OptimInfo(
+    "cema", CEMA, "flip", required=("alpha", "gamma"),
+    description="CEMA (Quist et al. 2023); alpha = eta*lambda and gamma = 1 - mu of the latent SGD it replaces",
+))
