@@ -12,10 +12,6 @@ from torch import nn
 from flipnet.errors import ConfigError
 from flipnet.layers import BinaryConv2d, BinaryLayer, BinaryLinear, binary_modules, binary_parameters
 from flipnet.models import (
-    BatchNorm1d,
-    BatchNorm2d,
-    FloatConv2d,
-    FloatLinear,
     SequentialModel,
     count_parameters,
     create_model,
@@ -25,6 +21,7 @@ from flipnet.models import (
     register_model,
 )
 from flipnet.models import registry as registry_module
+from flipnet.models.common import BatchNorm1d, BatchNorm2d, FloatConv2d, FloatLinear
 from flipnet.models.resnet import BasicBlock, BiRealBlock, PadShortcut
 from flipnet.quantizers import ApproxSign, Quantizer, SteSign
 

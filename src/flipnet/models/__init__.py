@@ -2,7 +2,7 @@
 
 >>> from flipnet.models import create_model, list_models
 >>> list_models()
-['binary_mlp', 'binarynet', 'resnet18', 'resnet20', 'unet']
+['binary_mlp', 'binarynet', 'birealnet18', 'birealnet34', 'reactnet_a', 'resnet18', 'resnet20', 'unet']
 >>> model = create_model("binarynet", num_classes=10, weight_mode="flip")
 
 Every model comes in three modes with one module tree and one set of parameter names:
@@ -19,48 +19,22 @@ from . import mlp as _mlp  # noqa: F401
 from . import reactnet as _reactnet  # noqa: F401
 from . import resnet as _resnet  # noqa: F401
 from . import unet as _unet  # noqa: F401
-from .common import (
-    MODES,
-    BatchNorm1d,
-    BatchNorm2d,
-    FloatConv2d,
-    FloatLinear,
-    ModelSpec,
-    SequentialModel,
-    count_parameters,
-)
-from .registry import (
-    SHARED_OPTIONS,
-    ModelEntry,
-    create_model,
-    float_twin,
-    is_model,
-    list_models,
-    model_entry,
-    model_options,
-    register_model,
-)
+from .common import ModelSpec, SequentialModel, count_parameters
+from .registry import ModelEntry, create_model, float_twin, list_models, model_entry, model_options, register_model
 from .resnet import ResNet
 from .unet import UNet
 
 __all__ = [
-    "MODES",
-    "SHARED_OPTIONS",
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "FloatConv2d",
-    "FloatLinear",
+    "create_model",
+    "list_models",
+    "register_model",
+    "model_options",
+    "model_entry",
     "ModelEntry",
     "ModelSpec",
-    "ResNet",
-    "SequentialModel",
-    "UNet",
-    "count_parameters",
-    "create_model",
     "float_twin",
-    "is_model",
-    "list_models",
-    "model_entry",
-    "model_options",
-    "register_model",
+    "count_parameters",
+    "SequentialModel",
+    "ResNet",
+    "UNet",
 ]
