@@ -37,7 +37,9 @@ Implementations (``impl``)
     torch without a compiler) and the float path on the real input, keeps ``"float"`` as a
     candidate only if its output equals the popcount output, times the candidates a few times
     (interleaved, fastest call each) and stores the winner in ``layer.tuned``; later calls look
-    the choice up. Batch sizes are bucketed by powers of two. Non-CPU tensors use ``"torch"``.
+    the choice up. Batch sizes are bucketed by powers of two. CUDA tensors choose the same way
+    between ``"triton"`` (the Triton XNOR-popcount kernels of :mod:`flipnet.compress._triton`) and
+    ``"float"`` where Triton is importable, else use ``"torch"``; ``impl="triton"`` forces them.
     ``impl=`` in the constructor (or setting ``layer.impl``) forces one implementation; so does
     ``FLIPNET_KERNELS=c|torch|float`` for layers left on ``"auto"``.
 
@@ -165,15 +167,27 @@ def _bucket(n: int) -> int:
 def _time_impl(run: Callable[[], object], impl: str) -> float:
     """Seconds one call of ``run`` (implementation ``impl``) takes; the tests replace this hook to
     make autotuning deterministic."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()  # time the device work, not the launch
     t = time.perf_counter()
     run()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t
+
+
+def _triton_usable(x: Tensor) -> bool:
+    """The Triton kernels of :mod:`flipnet.compress._triton` can run on ``x``'s device."""
+    from . import _triton
+
+    return _triton.usable_on(x.device)
 
 
 def _check_impl(impl: str) -> str:
     impl = str(impl).lower()
-    if impl not in IMPLS + ("auto",):
-        raise ValueError(f"impl must be one of 'auto', 'c', 'torch', 'float', got {impl!r}")
+    if impl not in IMPLS + ("triton", "auto"):
+        raise ValueError(f"impl must be one of 'auto', 'c', 'torch', 'float', 'triton', got {impl!r}")
     return impl
 
 
@@ -232,9 +246,9 @@ class _PackedBase(nn.Module):
         if impl == "auto":
             impl = _kernels.mode()
         if impl == "auto":
-            if not x.is_cpu:
+            if not x.is_cpu and not _triton_usable(x):
                 return "torch"
-            key = (_bucket(shape_key[0]),) + shape_key[1:] + (torch.get_num_threads(),)
+            key = (_bucket(shape_key[0]),) + shape_key[1:] + (torch.get_num_threads(),) + ((x.device.type,) if not x.is_cpu else ())
             choice = self.tuned.get(key)
             return choice if choice is not None else self._autotune(key, x)
         if impl == "c":
@@ -244,6 +258,8 @@ class _PackedBase(nn.Module):
                 raise _kernels.KernelBuildError(
                     "impl='c' needs the C kernels, which could not be built (or FLIPNET_KERNELS=torch disables them)"
                 )
+        if impl == "triton" and not _triton_usable(x):
+            raise RuntimeError(f"impl='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on the CPU), got a {x.device.type} tensor")
         return impl
 
     def selected_impl(self, x: Tensor) -> str:
@@ -255,7 +271,7 @@ class _PackedBase(nn.Module):
         return True
 
     def _autotune(self, key: tuple[int, ...], x: Tensor) -> str:
-        popcount = "c" if _kernels.load_library() is not None else "torch"
+        popcount = "triton" if not x.is_cpu else ("c" if _kernels.load_library() is not None else "torch")
         choice = popcount
         if self._float_exact():
             outs: dict[str, Tensor] = {}
@@ -403,6 +419,10 @@ class PackedBinaryLinear(_PackedBase):
             return self._forward_c(x2)
         if impl == "float":
             return F.linear(_sign(x2), self._float_weight(x2.device))
+        if impl == "triton":
+            from . import _triton
+
+            return _triton.linear(x2, self.weight_words, self.in_features)
         a = _pack_channels(x2)
         return _xnor_gemm_torch(a, self.weight_words.to(a.device), self.in_features)
 
@@ -567,6 +587,13 @@ class PackedBinaryConv2d(_PackedBase):
         if impl == "float":
             return self._forward_float(x)
         oh, ow = self.output_size(x.shape[2], x.shape[3])
+        if impl == "triton":
+            from . import _triton
+
+            return _triton.conv2d(x, self.weight_words, kernel_size=self.kernel_size, stride=self.stride,
+                                  dilation=self.dilation, pads=self.pads, out_size=(oh, ow),
+                                  pad_words=_pad_words(self.in_channels) if self.pad_value == 1.0 else (0, 0),
+                                  correction=self._correction(x.shape[2], x.shape[3], x.device))
         return self._forward_torch(x, oh, ow, self._correction(x.shape[2], x.shape[3], x.device))
 
     def _forward_float(self, x: Tensor) -> Tensor:
