@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from flipnet.compress import export_model, load_exported, read_export_metadata
+from flipnet.compress import export_model, load_exported, read_export_metadata, set_kernel_mode
 from flipnet.compress.export import EXPORT_FORMAT
 from flipnet.compress.packed import PackedBinaryConv2d, PackedBinaryLinear, ThresholdSign
 from flipnet.errors import ExportFormatError
@@ -54,9 +54,10 @@ def roundtrip(model: nn.Module, tmp_path: Path, x: torch.Tensor, name: str = "m"
 
 
 @pytest.fixture(params=["c", "torch"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("FLIPNET_KERNELS", "auto" if request.param == "c" else "torch")
-    return request.param
+def backend(request: pytest.FixtureRequest) -> Any:
+    previous = set_kernel_mode("auto" if request.param == "c" else "torch")
+    yield request.param
+    set_kernel_mode(previous)
 
 
 def test_binary_mlp_round_trip_with_folding(tmp_path: Path, backend: str) -> None:
@@ -332,7 +333,8 @@ def test_cli_summary_of_a_recipe_shows_the_model_it_trains(capsys: pytest.Captur
     # Regression: the summary of digits_bop used the model's default 1x28x28 input (784 inputs,
     # ~270k parameters) instead of the 8x8 digits the recipe trains on (85,002 parameters).
     from flipnet.cli import main
-    from flipnet.train import load_config, recipe_model
+    from flipnet.train import load_config
+    from flipnet.train.build import recipe_model
 
     model = recipe_model(load_config("digits_bop"))
     assert sum(p.numel() for p in model.parameters()) == 85_002
@@ -367,3 +369,77 @@ def test_qbn_layer_with_oversized_kernels_is_refused(tmp_path: Path) -> None:
               str(path), metadata={"format": EXPORT_FORMAT, "flipnet": json.dumps(doc)})
     with pytest.raises(ExportFormatError, match="too large"):
         load_exported(path)
+
+
+# ----------------------------------------------------------------------------- ResNets (residual graphs)
+@pytest.mark.parametrize(
+    "name,kwargs,size",
+    [
+        ("resnet20", {"mode": "bnn", "base_width": 4}, 16),  # Bi-Real blocks, avgpool+conv shortcuts
+        ("resnet20", {"mode": "bwn", "base_width": 4}, 16),  # basic blocks, zero-pad (option A) shortcuts
+        ("resnet20", {"mode": "bnn", "base_width": 4, "weight_mode": "flip", "downsample": "conv"}, 16),
+        ("resnet18", {"mode": "bnn", "base_width": 4, "small_input": True}, 16),
+        ("resnet18", {"mode": "bwn", "base_width": 4}, 40),  # 7x7 stride-2 stem and max-pool
+    ],
+)
+def test_resnet_round_trip_gives_the_trained_logits(tmp_path: Path, backend: str, name: str, kwargs: dict, size: int) -> None:
+    torch.manual_seed(7)
+    model = randomize_bn(create_model(name, num_classes=10, in_channels=3, **kwargs))
+    x = torch.rand(3, 3, size, size) * 2 - 1
+    loaded, doc = roundtrip(model, tmp_path, x, name)
+    assert doc["version"] == 2
+    residuals = [e for e in doc["layers"] if e["type"] == "residual"]
+    blocks = sum(len(getattr(model, s)) for s in model.stages)
+    assert len(residuals) == (2 * blocks if kwargs["mode"] == "bnn" else blocks)
+    packed = sum(isinstance(m, PackedBinaryConv2d) for m in loaded.modules())
+    assert packed == (2 * blocks if kwargs["mode"] == "bnn" else 0)  # bwn: real inputs, ±1 float weights
+    names = {e["name"] for r in residuals for e in r["children"]["body"]}
+    assert {n for n, _ in binary_modules(model)} <= names  # every binary layer is in a residual body
+
+
+def test_resnet_tensor_names_follow_the_graph(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    model = randomize_bn(create_model("resnet20", num_classes=10, in_channels=3, base_width=4))
+    path = tmp_path / "r.safetensors"
+    doc = export_model(model, path)
+    first = next(i for i, e in enumerate(doc["layers"]) if e["type"] == "residual")
+    body = doc["layers"][first]["children"]["body"]
+    assert body[0]["tensors"]["weight_bits"] == f"{first}.body.0.weight_bits"
+    with safe_open(str(path), "pt") as f:
+        assert f"{first}.body.0.weight_bits" in set(f.keys())
+
+
+def test_a_residual_model_without_a_codec_is_refused(tmp_path: Path) -> None:
+    from flipnet.models.resnet import ResNet
+
+    class MyResNet(ResNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    model = create_model("resnet20", num_classes=10, in_channels=3, base_width=4)
+    model.__class__ = MyResNet  # a subclass with its own forward is not what the resnet codec describes
+    with pytest.raises(ValueError, match="cannot export a MyResNet"):
+        export_model(model, tmp_path / "x.safetensors")
+
+
+def test_cli_export_of_a_resnet20_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flipnet.cli import main
+    from flipnet.train import load_config
+    from flipnet.train.checkpoint import save_checkpoint
+    from flipnet.train.config import config_to_dict
+
+    config = load_config("sun_yao_digits_bwn", ["model.kwargs.base_width=4"])
+    torch.manual_seed(8)
+    model = randomize_bn(create_model("resnet20", num_classes=10, in_channels=1, mode="bwn", base_width=4))
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "last.pt", {
+        "model": model.state_dict(), "config": config_to_dict(config), "epoch": 1, "step": 1,
+        "meta": {"num_classes": 10, "input_shape": [1, 8, 8]},
+    })
+    out = tmp_path / "resnet.safetensors"
+    assert main(["export", str(run), "--out", str(out), "--checkpoint", "last"]) == 0
+    assert "same predictions: True" in capsys.readouterr().out
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(out)(x), model(x), rtol=1e-5, atol=1e-5)

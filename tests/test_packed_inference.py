@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flipnet.compress import _kernels
-from flipnet.compress.export import bn_sign_reference, fold_bn_threshold
+from flipnet.compress import _kernels, set_kernel_mode
+from flipnet.compress.export.fold import bn_sign_reference, fold_bn_threshold
 from flipnet.compress.packed import (
     BinaryWeightConv,
     BinaryWeightLinear,
@@ -26,14 +26,21 @@ from flipnet.layers import BinaryConv2d, BinaryLinear
 from flipnet.compress import packed
 
 HAS_C = _kernels.load_library() is not None
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_mode():  # type: ignore[no-untyped-def]
+    previous = _kernels.mode()
+    yield
+    set_kernel_mode(previous)
 BACKENDS = ["c", "torch", "float", "auto"] if HAS_C else ["torch", "float", "auto"]
 IMPLS = [i for i in BACKENDS if i != "auto"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Forces each implementation through FLIPNET_KERNELS (``auto``: chosen by timing)."""
-    monkeypatch.setenv("FLIPNET_KERNELS", request.param)
+    """Forces each implementation through set_kernel_mode (``auto``: chosen by timing)."""
+    set_kernel_mode(request.param)
     return request.param
 
 
@@ -167,14 +174,14 @@ def test_without_a_compiler_layers_fall_back_to_torch(monkeypatch: pytest.Monkey
     monkeypatch.setattr(_kernels, "_compiler", lambda: None)
     monkeypatch.setattr(_kernels, "_LIB", None)
     monkeypatch.setattr(_kernels, "_TRIED", False)
-    monkeypatch.setenv("FLIPNET_KERNELS", "auto")
+    set_kernel_mode("auto")
     with pytest.warns(RuntimeWarning, match="no working C compiler"):
         assert _kernels.load_library() is None
     assert _kernels.kernel_backend() == "torch"
     w = signs(6, 10, 3, 3)
     x = torch.randn(2, 10, 5, 5)
     assert torch.equal(PackedBinaryConv2d.from_signs(w, 1, 1)(x), reference_conv(x, w, (1, 1), (1, 1, 1, 1), (1, 1), 0.0))
-    monkeypatch.setenv("FLIPNET_KERNELS", "c")
+    set_kernel_mode("c")
     with pytest.raises(_kernels.KernelBuildError, match="install gcc"):
         _kernels.load_library()
 
@@ -269,7 +276,7 @@ def test_threshold_ties_follow_sign_zero_is_plus_one(gamma: float) -> None:
 @pytest.mark.parametrize("offset", [-9.0, -1.0, -0.5, 0.5, 1.0, 9.0, float("inf"), float("-inf"), float("nan")])
 def test_threshold_search_corrects_any_estimate(offset: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """The float64 estimate only seeds an exact search: a wrong estimate gives the same thresholds."""
-    from flipnet.compress import export
+    from flipnet.compress.export import fold as export
 
     g = torch.Generator().manual_seed(11)
     c, k = 40, 50
@@ -336,7 +343,7 @@ def test_threshold_sign_backends_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     m = ThresholdSign(torch.randint(-20, 21, (9,), generator=g).float(), torch.rand(9, generator=g) > 0.5)
     expected = torch.where((y >= m.threshold.view(1, -1, 1, 1)) ^ m.flip.view(1, -1, 1, 1), 1.0, -1.0)
     assert torch.equal(m(y), expected)
-    monkeypatch.setenv("FLIPNET_KERNELS", "torch")
+    set_kernel_mode("torch")
     assert torch.equal(m(y), expected)
     assert torch.equal(m(y[:, :, 0, 0]), expected[:, :, 0, 0])
 
@@ -415,7 +422,7 @@ def _fake_timer(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float]) -> l
 
 @pytest.mark.parametrize("fastest", ["float", "popcount"])
 def test_autotune_picks_the_fastest_and_caches_per_bucket(fastest: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FLIPNET_KERNELS", raising=False)
+    set_kernel_mode("auto")
     popcount = "c" if HAS_C else "torch"
     seconds = {popcount: 1e-3, "float": 2e-3} if fastest == "popcount" else {popcount: 2e-3, "float": 1e-3}
     calls = _fake_timer(monkeypatch, seconds)
@@ -439,7 +446,7 @@ def test_autotune_picks_the_fastest_and_caches_per_bucket(fastest: str, monkeypa
 @pytest.mark.parametrize("float_seconds,timed", [(1.0, 0), (5e-3, 1)])
 def test_autotune_drops_a_far_slower_candidate_early(float_seconds: float, timed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """More than 10x slower on the first (warm-up) call: not timed; more than 3x after one round: dropped."""
-    monkeypatch.delenv("FLIPNET_KERNELS", raising=False)
+    set_kernel_mode("auto")
     popcount = "c" if HAS_C else "torch"
     calls = _fake_timer(monkeypatch, {popcount: 1e-3, "float": float_seconds})
     m = PackedBinaryConv2d.from_signs(signs(8, 16, 3, 3), 1, 1)
@@ -450,7 +457,7 @@ def test_autotune_drops_a_far_slower_candidate_early(float_seconds: float, timed
 
 
 def test_autotune_never_picks_an_inexact_float_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FLIPNET_KERNELS", raising=False)
+    set_kernel_mode("auto")
     popcount = "c" if HAS_C else "torch"
     calls = _fake_timer(monkeypatch, {popcount: 1.0, "float": 1e-6})
     # a pad value other than 0/±1: float is not even a candidate
@@ -470,14 +477,14 @@ def test_impl_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _fake_timer(monkeypatch, {"c": 1.0, "torch": 1.0, "float": 1.0})
     x = torch.randn(2, 40)
     for impl in IMPLS:  # the environment variable forces layers left on "auto"
-        monkeypatch.setenv("FLIPNET_KERNELS", impl)
+        set_kernel_mode(impl)
         m = PackedBinaryLinear.from_signs(signs(6, 40))
         assert m.selected_impl(x) == impl
         m(x)
         assert m.tuned == {}
-    monkeypatch.setenv("FLIPNET_KERNELS", "torch")  # the constructor argument beats the environment
+    set_kernel_mode("torch")  # the constructor argument beats the environment
     assert PackedBinaryLinear.from_signs(signs(6, 40), impl="float").selected_impl(x) == "float"
-    monkeypatch.setenv("FLIPNET_KERNELS", "auto")
+    set_kernel_mode("auto")
     m = PackedBinaryConv2d.from_signs(signs(4, 8, 3, 3), impl="torch")
     assert m.selected_impl(torch.randn(1, 8, 5, 5)) == "torch" and m.tuned == {}
     m.impl = "FLOAT"
@@ -490,7 +497,7 @@ def test_impl_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_autotune_with_real_timing_gives_correct_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FLIPNET_KERNELS", raising=False)
+    set_kernel_mode("auto")
     torch.manual_seed(5)
     w = signs(10, 1024)
     m = PackedBinaryLinear.from_signs(w)

@@ -1,4 +1,4 @@
-"""QBN codebooks, projection layer, bit counts and stored form (flipnet.compress.qbn)."""
+"""QBN codebooks, projection parametrization, bit counts and stored form (flipnet.compress.qbn)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,18 @@ from hypothesis import strategies as st
 from torch import nn
 
 from flipnet.compress.codes import decode_kernels, encode_kernels
+from flipnet.compress.export import export_model, load_qbn
 from flipnet.compress.qbn import (
-    QBNConv2d,
-    QBNStored,
     apply_qbn,
     codebook_signs,
     from_stored,
-    load_qbn,
     nearest_codewords,
+    projection,
     qbn_bits,
     qbn_layers,
     remove_qbn,
-    save_qbn,
     select_codebook,
+    stored_weight,
     to_stored,
 )
 from flipnet.errors import ExportFormatError
@@ -105,21 +104,24 @@ def test_projection_in_forward_and_ste_gradient() -> None:
     conv: BinaryConv2d = m[2]  # type: ignore[assignment]
     w_before = conv.weight
     apply_qbn(m, 2)
-    assert isinstance(conv, QBNConv2d) and conv.weight is w_before  # in place, same parameter
+    p = projection(conv)
+    assert p is not None and stored_weight(conv) is w_before  # in place, same parameter
+    assert conv.parametrizations.weight.original is w_before
+    w = stored_weight(conv)
     x = torch.randn(3, 8, 5, 5)
-    target = conv.projected_signs()
+    target = p.project(w)
     # every kernel is a codeword, and the one nearest (magnitude-weighted) to its latent weight
     codes = encode_kernels(target.reshape(-1, 3, 3))
-    assert set(codes.tolist()) <= set(conv.qbn_codes.tolist())
-    assert torch.equal(conv.qbn_indices, nearest_codewords(conv.weight.detach(), conv.qbn_codebook, "magnitude"))
+    assert set(codes.tolist()) <= set(p.codes.tolist())
+    assert torch.equal(p.indices(w), nearest_codewords(w.detach(), p.codebook, "magnitude"))
     out = conv(x)
     assert torch.allclose(out, F.conv2d(x, target, padding=1), atol=1e-6)
     # STE: the gradient is that of the projected weight, masked by |w| <= 1 (ste_sign)
     out.square().sum().backward()
     w_ref = target.clone().requires_grad_(True)
     F.conv2d(x, w_ref, padding=1).square().sum().backward()
-    mask = (conv.weight.detach().abs() <= 1).float()
-    assert torch.allclose(conv.weight.grad, w_ref.grad * mask, atol=1e-5)
+    mask = (w.detach().abs() <= 1).float()
+    assert torch.allclose(w.grad, w_ref.grad * mask, atol=1e-5)
     assert torch.equal(conv.binary_weight(), target)
 
 
@@ -127,7 +129,7 @@ def test_flip_mode_uses_hamming_and_bits() -> None:
     m = _model("flip")
     layers = apply_qbn(m, 3)
     assert set(layers) == {"0", "2"}
-    assert all(layer.qbn_distance == "hamming" for layer in layers.values())
+    assert all(projection(layer).distance == "hamming" for layer in layers.values())
     bits = {b.name: b for b in qbn_bits(m)}
     # layer "2": 16*8 = 128 kernels, k=3: 384 index bits + 8*9 codebook bits
     assert bits["2"].index_bits == 128 * 3 and bits["2"].codebook_bits == 8 * 9
@@ -158,14 +160,17 @@ def test_stored_round_trip_and_file(tmp_path) -> None:
         assert s.packed_indices.numel() == math.ceil(s.n_kernels * 3 / 8)
         assert s.nbits == s.n_kernels * 3 + 8 * 9
         assert torch.equal(s.decode(), layer.binary_weight())
-        again = QBNStored.from_tensors(s.to_tensors("p."), "p.")
-        assert torch.equal(again.decode(), s.decode()) and again.k == 3
-    path = save_qbn(tmp_path / "q.safetensors", m)
+    # one file format: the export stores QBN layers as indices + codebook, load_qbn reads them back
+    path = tmp_path / "q.safetensors"
+    export_model(m, path)
     loaded = load_qbn(path)
     assert list(loaded) == ["0", "2"]
+    for name, s in loaded.items():
+        assert s.k == 3 and torch.equal(s.decode(), stored[name].decode())
+        assert torch.equal(s.codebook, stored[name].codebook)
     # a fresh model (other random weights) loaded from the file computes exactly the same
     fresh = _model(seed=1)
-    fresh.load_state_dict({k: v for k, v in m.state_dict().items() if "weight" not in k or k.startswith("1.")
+    fresh.load_state_dict({k: v for k, v in _plain_state(m).items() if "weight" not in k or k.startswith("1.")
                            or k.startswith("3.") or k.startswith("6.")}, strict=False)
     fresh[6].weight.data.copy_(m[6].weight.data)
     from_stored(fresh, loaded)
@@ -178,62 +183,69 @@ def test_stored_round_trip_and_file(tmp_path) -> None:
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ExportFormatError):
         load_qbn(bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ExportFormatError, match="no export file"):
         load_qbn(tmp_path / "missing.safetensors")
-    t = stored["2"].to_tensors()
-    t["qbn_indices"] = t["qbn_indices"][:-1]
-    with pytest.raises(ValueError, match="expected"):
-        QBNStored.from_tensors(t)
-    # negative kernel sizes whose product looks valid must be refused, not crash in decode
-    t = stored["2"].to_tensors()
-    t["qbn_meta"] = torch.tensor([3, -3, -3, *stored["2"].weight_shape], dtype=torch.int64)
-    with pytest.raises(ValueError, match="malformed"):
-        QBNStored.from_tensors(t)
+
+
+def _plain_state(m: nn.Module) -> dict[str, torch.Tensor]:
+    """A QBN model's state dict with the stored weights under their plain names."""
+    return {k.replace("parametrizations.weight.original", "weight"): v for k, v in m.state_dict().items()
+            if "parametrizations.weight.0" not in k}
 
 
 def test_state_dict_carries_codebook() -> None:
     m = _model()
     apply_qbn(m, 2)
     sd = m.state_dict()
-    assert set(sd) == set(_model().state_dict())  # no new keys: the codebook rides in _extra_state
+    # the parametrization moves the weight to parametrizations.weight.original; the codebook rides
+    # in the projection's extra state
+    plain = set(_model().state_dict())
+    assert set(_plain_state(m)) == plain
+    assert {k for k in sd if k.endswith("parametrizations.weight.0._extra_state")} == {"0.parametrizations.weight.0._extra_state",
+                                                                                        "2.parametrizations.weight.0._extra_state"}
     other = _model(seed=5)
     apply_qbn(other, 4)
     other.load_state_dict(sd)
-    assert other[2].qbn_k == 2 and torch.equal(other[2].qbn_codes, m[2].qbn_codes)
-    plain = _model(seed=5)
-    plain.load_state_dict(sd)  # a plain model ignores the QBN extra state
-    assert type(plain[2]) is BinaryConv2d
+    assert projection(other[2]).k == 2 and torch.equal(projection(other[2]).codes, projection(m[2]).codes)
+    assert torch.equal(other[2].weight, m[2].weight)
 
 
 def test_optimizer_survives_in_place_conversion_and_fine_tuning_keeps_codebook() -> None:
     m = _model()
     opt = torch.optim.Adam(m.parameters(), lr=0.05)
     apply_qbn(m, 1)
-    cb = {n: layer.qbn_codes.clone() for n, layer in qbn_layers(m)}
-    before = m[2].weight.detach().clone()
+    cb = {n: projection(layer).codes.clone() for n, layer in qbn_layers(m)}
+    before = stored_weight(m[2]).detach().clone()
     x, y = torch.randn(16, 2, 5, 5), torch.randint(0, 4, (16,))
     for _ in range(5):
         opt.zero_grad()
         F.cross_entropy(m(x), y).backward()
         opt.step()
-    assert not torch.equal(m[2].weight.detach(), before)  # the optimizer still trains the layer
+    assert not torch.equal(stored_weight(m[2]).detach(), before)  # the optimizer still trains the layer
     for n, layer in qbn_layers(m):
-        assert torch.equal(layer.qbn_codes, cb[n])
+        assert torch.equal(projection(layer).codes, cb[n])
         assert set(encode_kernels(layer.binary_weight().reshape(-1, 3, 3)).tolist()) <= set(cb[n].tolist())
 
 
 def test_remove_qbn_bakes_projected_signs() -> None:
     m = _model()
     apply_qbn(m, 2)
-    target = m[2].projected_signs()
+    w = stored_weight(m[2])
+    target = projection(m[2]).project(w)
     assert remove_qbn(m) == ["0", "2"]
-    assert type(m[2]) is BinaryConv2d and not hasattr(m[2], "qbn_codebook")
+    assert type(m[2]) is BinaryConv2d and projection(m[2]) is None
+    assert m[2].weight is w  # the same parameter object, now holding the projected weight
     assert torch.equal(m[2].binary_weight(), target)
     mf = _model("flip")
     apply_qbn(mf, 1)
-    t = mf[0].projected_signs()
+    t = projection(mf[0]).project(stored_weight(mf[0]))
     remove_qbn(mf)
     assert torch.equal(mf[0].weight.detach(), t)
+    mu = _model()
+    w0 = stored_weight(mu[0]).detach().clone()
+    apply_qbn(mu, 1)
+    remove_qbn(mu, bake=False)  # without baking, the trained weight is left as it was
+    assert torch.equal(mu[0].weight.detach(), w0)
 
 
 def test_apply_qbn_errors_and_options() -> None:
@@ -248,7 +260,7 @@ def test_apply_qbn_errors_and_options() -> None:
     assert list(layers) == ["2"] and type(m[0]) is BinaryConv2d
     forced = torch.tensor([0, 511, 1, 2])
     apply_qbn(m, 2, codebooks={"2": forced})
-    assert m[2].qbn_codes.tolist() == forced.tolist()
+    assert projection(m[2]).codes.tolist() == forced.tolist()
     with pytest.raises(ValueError, match="must hold 4 codes"):
         apply_qbn(m, 2, codebooks={"2": torch.tensor([1, 2, 3])})
 
@@ -259,7 +271,8 @@ def test_retargeting_a_qbn_layer_uses_its_own_signs_not_the_old_projection() -> 
     apply_qbn(m, 5)  # re-target with a larger codebook
     apply_qbn(fresh, 5)
     for i in (0, 2):
-        assert m[i].qbn_codes.tolist() == fresh[i].qbn_codes.tolist()
+        assert projection(m[i]).codes.tolist() == projection(fresh[i]).codes.tolist()
+        assert len(m[i].parametrizations.weight) == 1  # re-targeted, not stacked
 
 
 def test_qbn_sweep_end_to_end(tmp_path) -> None:
@@ -290,9 +303,10 @@ def test_projection_keeps_magnitude_aware_scale() -> None:
     torch.manual_seed(3)
     conv = BinaryConv2d(3, 4, 3, weight_quantizer="magnitude_aware_sign")
     apply_qbn(nn.Sequential(conv), 2)
-    alpha = conv.weight.detach().abs().mean(dim=(1, 2, 3), keepdim=True)
+    w = stored_weight(conv)
+    alpha = w.detach().abs().mean(dim=(1, 2, 3), keepdim=True)
     x = torch.randn(2, 3, 5, 5)
-    expected = F.conv2d(x, conv.projected_signs() * alpha)
+    expected = F.conv2d(x, projection(conv).project(w) * alpha)
     assert torch.allclose(conv(x), expected, atol=1e-5)
 
 
@@ -305,3 +319,21 @@ def test_qbn_cli_rejects_bad_widths_before_training(tmp_path, capsys) -> None:
     assert "k must be an integer in 1..8" in capsys.readouterr().err
     assert main(["qbn", str(tmp_path / "missing")]) == 2
     assert not (tmp_path / "run" / "analysis").exists()  # refused before anything was written
+
+
+def test_discovery_clipping_and_mode_switch_reach_the_stored_weight_under_qbn() -> None:
+    from flipnet.layers import apply_constraints, binary_parameters, set_weight_mode
+
+    torch.manual_seed(4)
+    conv = BinaryConv2d(2, 4, 3, weight_clip=0.5)
+    m = nn.Sequential(conv)
+    with torch.no_grad():
+        conv.weight.mul_(10)
+    w = conv.weight
+    apply_qbn(m, 2)
+    assert binary_parameters(m) == [w] and w.is_leaf  # the parameter, not the computed projection
+    apply_constraints(m)
+    assert float(w.detach().abs().max()) <= 0.5
+    set_weight_mode(m, "flip")
+    assert bool((w.detach().abs() == 1).all())
+    assert bool((conv.weight.detach().abs() == 1).all())

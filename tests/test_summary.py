@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from flipnet.compress.summary import LayerSummary, Summary, summary
+from flipnet.compress._summary import LayerSummary, Summary, summary
 from flipnet.layers import BinaryConv2d, BinaryLinear
 
 torch.set_num_threads(1)

@@ -16,9 +16,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from torch import Tensor
 
-from ..compress.qbn import Distance, apply_qbn, check_k, qbn_bits, qbn_layers, save_qbn
+from ..compress.export import export_model
+from ..compress.qbn import Distance, apply_qbn, check_k, qbn_bits, qbn_layers
 from ..train.checkpoint import resolve_checkpoint
-from ..train.loop import Callback
+from ..train.callbacks import Callback
 from ..utils import atomic_path
 from ._runs import evaluate_trainer, make_trainer, read_run_config
 
@@ -82,7 +83,8 @@ def qbn_sweep(
     convolution under QBN with its ``2**k`` most frequent kernels, evaluate (``acc_projected``),
     fine-tune for ``epochs`` (default: a quarter of the run's epochs, at least 1) with the run's
     recipe and the projection in the forward pass, evaluate again (``acc_finetuned``) and save the
-    stored form to ``<out_dir>/k<k>/qbn.safetensors``. The row with ``k=None`` is the unprojected
+    compressed model to ``<out_dir>/k<k>/qbn.safetensors`` (a ``flipnet-export`` file;
+    :func:`flipnet.compress.export.load_qbn` reads its QBN layers back). The row with ``k=None`` is the unprojected
     1-bit model; with ``control`` (default) it is fine-tuned the same way (``acc_finetuned``), so
     that QBN is compared with equally long training. Results go to ``<out_dir>/qbn.csv`` and ``qbn.png`` (default
     ``RUN/analysis/qbn``).
@@ -118,7 +120,8 @@ def qbn_sweep(
         trainer.fit()
         acc_ft = evaluate_trainer(trainer)
         b = qbn_bits(trainer.model)
-        save_qbn(Path(trainer.run_dir) / "qbn.safetensors", trainer.model, {"k": str(k)})
+        export_model(trainer.model, Path(trainer.run_dir) / "qbn.safetensors",
+                     metadata={"model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)}, "qbn_k": k})
         rows.append(QBNSweepRow(k, b[-2].bits_per_weight, b[-1].bits_per_weight, acc_proj, acc_ft))
         del trainer
     _write_sweep(rows, out, plot)

@@ -8,7 +8,8 @@ compiler version and the CPU flags, so a changed source, compiler or machine tri
 The library is written to a temporary file and renamed into place, so concurrent processes never
 load a half-written file.
 
-Without a working compiler (or with ``FLIPNET_KERNELS=torch``) the packed layers use the
+Without a working compiler (or with ``FLIPNET_KERNELS=torch``, read once at import, or
+:func:`set_kernel_mode`) the packed layers use the
 pure-PyTorch implementation in :mod:`flipnet.compress.packed`, which gives identical results and
 also runs on CUDA. ``FLIPNET_KERNELS=c`` makes a failed build an error instead of a fallback and
 makes every packed layer use the C kernels; ``FLIPNET_KERNELS=float`` makes them use float32
@@ -33,7 +34,7 @@ import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["load_library", "kernel_backend", "cache_dir", "fast_function", "mode", "KernelBuildError"]
+__all__ = ["load_library", "kernel_backend", "cache_dir", "fast_function", "mode", "set_kernel_mode", "KernelBuildError"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "bgemm.c"
 _BASE_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
@@ -171,31 +172,47 @@ def _build_and_load() -> ctypes.CDLL | None:
     return None
 
 
-# Packed layers read FLIPNET_KERNELS on every call. ``os.environ.get`` of an unset variable costs
-# about 1 us (a KeyError inside); CPython's ``os.environ`` keeps its values in the plain dict
-# ``_data`` (kept in sync by ``os.environ[...] = ...`` / ``del``), which a lookup reads in ~50 ns.
-_ENV_NAME = "FLIPNET_KERNELS"
-_ENV_DATA = getattr(os.environ, "_data", None)
-try:
-    _ENV_KEY = os.environ.encodekey(_ENV_NAME)  # type: ignore[attr-defined]
-except AttributeError:
-    _ENV_DATA = None
+#: Values of ``FLIPNET_KERNELS`` / :func:`set_kernel_mode`.
+KERNEL_MODES = ("auto", "c", "torch", "float")
+
+
+def _parse_mode(value: str | None) -> str:
+    m = (value or "auto").strip().lower()
+    return m if m in KERNEL_MODES else "auto"
+
+
+# Read once at import; packed layers consult it on every call (a plain global read).
+_MODE = _parse_mode(os.environ.get("FLIPNET_KERNELS"))
 
 
 def mode() -> str:
-    """``FLIPNET_KERNELS`` normalised: ``"auto"`` (also for unset or unknown values), ``"c"``,
-    ``"torch"`` or ``"float"``."""
-    if isinstance(_ENV_DATA, dict):
-        raw = _ENV_DATA.get(_ENV_KEY)
-        if raw is None:
-            return "auto"
-        m = os.environ.decodevalue(raw)  # type: ignore[attr-defined]
+    """The kernel mode for packed layers left on ``impl="auto"``: ``"auto"``, ``"c"``, ``"torch"``
+    or ``"float"`` (``FLIPNET_KERNELS`` at import, or the last :func:`set_kernel_mode`)."""
+    return _MODE
+
+
+def set_kernel_mode(mode: str | None = None) -> str:
+    """Choose the implementation of every packed layer left on ``impl="auto"``; returns the previous mode.
+
+    ``"auto"`` picks per layer by timing, ``"c"`` forces the C kernels (a failed build becomes an
+    error), ``"torch"`` the PyTorch word ops (also keeping ``ThresholdSign``/``MaxPool2d`` off the
+    C kernels), ``"float"`` float32 ``F.linear``/``F.conv2d`` on ±1 values. ``None`` re-reads the
+    ``FLIPNET_KERNELS`` environment variable (unset or unknown: ``"auto"``), which is otherwise
+    read once, when flipnet is imported.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    global _MODE
+    previous = _MODE
+    if mode is None:
+        _MODE = _parse_mode(os.environ.get("FLIPNET_KERNELS"))
     else:
-        m = os.environ.get(_ENV_NAME)
-        if m is None:
-            return "auto"
-    m = m.strip().lower()
-    return m if m in ("c", "torch", "float") else "auto"
+        value = str(mode).strip().lower()
+        if value not in KERNEL_MODES:
+            raise ValueError(f"kernel mode must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+        _MODE = value
+    return previous
 
 
 _FAST: dict[tuple[int, str], object] = {}
@@ -220,7 +237,7 @@ def load_library() -> ctypes.CDLL | None:
         return None
     if _TRIED:
         if _LIB is None and wanted == "c":
-            raise KernelBuildError("the C kernels could not be built; install gcc or unset FLIPNET_KERNELS=c")
+            raise KernelBuildError("the C kernels could not be built; install gcc, or set_kernel_mode('auto') / unset FLIPNET_KERNELS=c")
         return _LIB
     with _LOCK:
         if not _TRIED:
@@ -229,7 +246,7 @@ def load_library() -> ctypes.CDLL | None:
             if _LIB is None:
                 if wanted == "c":
                     raise KernelBuildError(
-                        "the C kernels could not be built; install gcc (or set CC) or unset FLIPNET_KERNELS=c"
+                        "the C kernels could not be built; install gcc (or set CC), or set_kernel_mode('auto') / unset FLIPNET_KERNELS=c"
                     )
                 warnings.warn(
                     "flipnet: no working C compiler for the packed kernels; using the slower PyTorch "

@@ -108,7 +108,8 @@ def _model_for_summary(target: str, num_classes: int | None, input_size: Sequenc
         return load_run(path, "best", map_location="cpu")[1]
     from flipnet.data import dataset_shape
     from flipnet.models import create_model, model_options
-    from flipnet.train import build_model, load_config, recipe_model
+    from flipnet.train import load_config
+    from flipnet.train.build import build_model, recipe_model
 
     config = load_config(target)
     if input_size is not None and len(input_size) < 2:
@@ -141,7 +142,7 @@ def cmd_summary(ns: argparse.Namespace) -> int:
     """``flipnet summary``: print the layer table."""
     from flipnet.errors import ConfigError
 
-    from .summary import summary
+    from ._summary import summary
 
     if ns.input_size is not None and any(d <= 0 for d in ns.input_size):
         raise ConfigError(f"--input-size must be positive ints, got {ns.input_size}")

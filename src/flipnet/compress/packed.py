@@ -41,10 +41,11 @@ Implementations (``impl``)
     between ``"triton"`` (the Triton XNOR-popcount kernels of :mod:`flipnet.compress._triton`) and
     ``"float"`` where Triton is importable, else use ``"torch"``; ``impl="triton"`` forces them.
     ``impl=`` in the constructor (or setting ``layer.impl``) forces one implementation; so does
-    ``FLIPNET_KERNELS=c|torch|float`` for layers left on ``"auto"``.
+    :func:`~flipnet.compress.set_kernel_mode` (or ``FLIPNET_KERNELS=c|torch|float``, read at
+    import) for layers left on ``"auto"``.
 
 Layers whose inputs are real (the first layer) keep float arithmetic:
-:class:`BinaryWeightConv2d` / :class:`BinaryWeightLinear` hold ±1 weights as floats (they are
+:class:`BinaryWeightConv` / :class:`BinaryWeightLinear` hold ±1 weights as floats (they are
 stored bit-packed in exports).
 """
 
@@ -60,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import explicit_padding
+from ..functional import conv_nd, explicit_padding
 from ..layers import BinaryConv1d, BinaryConv2d, BinaryLinear
 from ..quantizers import sign
 from . import _kernels
@@ -70,7 +71,6 @@ __all__ = [
     "PackedBinaryConv2d",
     "PackedBinaryLinear",
     "BinaryWeightConv",
-    "BinaryWeightConv2d",
     "BinaryWeightLinear",
     "ThresholdSign",
     "MaxPool2d",
@@ -530,9 +530,9 @@ class PackedBinaryConv2d(_PackedBase):
         """Packed copy of a :class:`~flipnet.layers.BinaryConv2d` with binary inputs, ``groups=1``
         and ``padding_mode='zeros'``."""
         if not layer.binary_inputs:
-            raise ValueError("PackedBinaryConv2d needs a layer with binary inputs; use BinaryWeightConv2d for real inputs")
+            raise ValueError("PackedBinaryConv2d needs a layer with binary inputs; use BinaryWeightConv for real inputs")
         if layer.groups != 1 or layer.padding_mode != "zeros":
-            raise ValueError("PackedBinaryConv2d supports groups=1 and padding_mode='zeros' only; use BinaryWeightConv2d")
+            raise ValueError("PackedBinaryConv2d supports groups=1 and padding_mode='zeros' only; use BinaryWeightConv")
         alpha = layer.output_scale()
         return cls.from_signs(
             layer.binary_weight(),
@@ -726,11 +726,8 @@ class BinaryWeightConv(nn.Module):
         self.padding_mode = padding_mode
         self.pad_value = float(pad_value)
         self.binarize_input = bool(binarize_input)
-        self._explicit = explicit_padding(self.padding, weight.shape[2:], self.dilation, self.stride)  # type: ignore[arg-type]
-        self._reversed = [p for p in reversed(self.padding) for _ in range(2)] if not isinstance(self.padding, str) else self._explicit
         for name, t in (("scale", scale), ("bias", bias)):
             self.register_buffer(name, None if t is None else torch.as_tensor(t, dtype=torch.float32).detach().reshape(-1))
-        self._conv = F.conv1d if nd == 1 else F.conv2d
 
     @classmethod
     def from_binary(cls, layer: BinaryConv1d | BinaryConv2d) -> "BinaryWeightConv":
@@ -744,24 +741,13 @@ class BinaryWeightConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.binarize_input:
             x = sign(x)
-        w = self.weight.to(x.dtype)
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed, mode=self.padding_mode)
-            out = self._conv(x, w, None, self.stride, 0, self.dilation, self.groups)
-        elif self.pad_value != 0.0 and any(self._explicit):
-            x = F.pad(x, self._explicit, value=self.pad_value)
-            out = self._conv(x, w, None, self.stride, 0, self.dilation, self.groups)
-        else:
-            out = self._conv(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        out = conv_nd(x, self.weight.to(x.dtype), None, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                      groups=self.groups, padding_mode=self.padding_mode, pad_value=self.pad_value)
         if self.scale is not None:
             out = out * _channel_view(self.scale, out.dim()).to(out.dtype)
         if self.bias is not None:
             out = out + _channel_view(self.bias, out.dim()).to(out.dtype)
         return out
-
-
-#: Alias of :class:`BinaryWeightConv` (it handles 1-d and 2-d convolutions).
-BinaryWeightConv2d = BinaryWeightConv
 
 
 class BinaryWeightLinear(nn.Module):

@@ -26,13 +26,14 @@ Projection
     product; ties go to the lower index, i.e. to the more frequent codeword.
 
 Fine-tuning
-    :class:`QBNConv2d` is a :class:`~flipnet.layers.BinaryConv2d` whose forward pass uses the
-    projected kernel :math:`c^\star(w)`. The gradient is the straight-through estimator of the
-    layer's own quantizer: :math:`\tilde w = q(w) + (c^\star - q(w))_{\text{no grad}}`, so latent
+    :func:`apply_qbn` registers a :class:`QBNProjection` parametrization on the ``weight`` of each
+    binary 3×3 convolution (:func:`torch.nn.utils.parametrize.register_parametrization`), so the
+    forward pass uses the projected kernel :math:`c^\star(w)` while the stored parameter stays the
+    same object: an optimizer built before keeps working. The gradient is straight-through:
+    :math:`P(w) = w + (c^\star |w| - w)_{\text{no grad}}`, then the layer's own quantizer, so latent
     training (Adam/SGD through ``ste_sign``) and flip training (Bop flips ±1 weights from their
-    gradient) both work unchanged. :func:`apply_qbn` converts layers *in place* (the class of the
-    module changes, its parameters stay the same objects), so an optimizer built before keeps
-    working; the codebook is fixed during fine-tuning.
+    gradient) both work unchanged. The codebook is fixed during fine-tuning. :func:`remove_qbn`
+    is ``remove_parametrizations(..., leave_parametrized=True)``: the weight keeps its projection.
 
 Size
     A layer with :math:`N` kernels stores :math:`N k` index bits plus :math:`2^k \cdot 9` codebook
@@ -40,30 +41,22 @@ Size
     0.67 bits per weight plus the codebook.
 
 Stored form
-    :meth:`QBNConv2d.to_stored` gives a :class:`QBNStored` (the codebook as ``int16`` codes and the
-    indices bit-packed at exactly :math:`k` bits each with
-    :func:`flipnet.compress.pack.pack_indices`, least significant bit first);
-    :meth:`QBNStored.to_tensors` / :meth:`QBNStored.from_tensors` map it to and from a flat
-    ``{name: tensor}`` dict for safetensors (:func:`save_qbn`, :func:`load_qbn`), and
-    :func:`from_stored` rebuilds a model's QBN layers from it.
-
-For exporters: a QBN layer is ``isinstance(m, QBNConv2d)`` (also ``hasattr(m, "qbn_codebook")``);
-``m.qbn_codebook`` is the ``(2^k, kh*kw)`` ±1 codebook (row-major kernel entries), ``m.qbn_codes``
-the same as ``int64`` codes, ``m.qbn_indices`` the ``(out_channels, in_channels/groups)`` ``int64``
-index of each kernel, ``m.qbn_k`` the index width, and ``m.binary_weight()`` the projected ±1 weight.
+    :func:`stored_form` gives a :class:`QBNStored` (codebook codes and the indices bit-packed at
+    exactly :math:`k` bits each with :func:`flipnet.compress.pack.pack_indices`, least significant
+    bit first). Files use the one export format: :func:`flipnet.compress.export_model` writes QBN
+    layers as indices plus codebook, :func:`flipnet.compress.export.load_qbn` reads them back as
+    ``{name: QBNStored}`` and :func:`from_stored` puts them into a model.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..layers import BinaryConv2d, binary_modules
 from ..quantizers import sign
@@ -76,17 +69,17 @@ __all__ = [
     "select_codebook",
     "codebook_signs",
     "nearest_codewords",
-    "QBNConv2d",
+    "QBNProjection",
     "QBNStored",
     "QBNLayerBits",
     "apply_qbn",
     "remove_qbn",
+    "projection",
     "qbn_layers",
     "qbn_bits",
+    "stored_form",
     "to_stored",
     "from_stored",
-    "save_qbn",
-    "load_qbn",
 ]
 
 #: Largest index width (a codebook of 256 of the 512 3×3 patterns).
@@ -152,95 +145,114 @@ def nearest_codewords(kernels: Tensor, codebook: Tensor, distance: Literal["hamm
     return scores.argmax(dim=1).reshape(lead)
 
 
-# ----------------------------------------------------------------------------- the layer
-class QBNConv2d(BinaryConv2d):
-    """A :class:`~flipnet.layers.BinaryConv2d` whose kernels are projected onto a codebook.
+# ----------------------------------------------------------------------------- the projection
+class QBNProjection(nn.Module):
+    r"""Parametrization of a binary convolution's ``weight``: every kernel goes to its codeword.
 
-    Made by :func:`apply_qbn` (in place) rather than constructed directly. See the module
-    docstring for the projection and its straight-through gradient.
+    Registered with :func:`torch.nn.utils.parametrize.register_parametrization` by
+    :func:`apply_qbn`, so ``layer.weight`` reads :math:`P(w) = w + (c^\star(w)\,|w| - w)_{\text{no grad}}`:
+    its value is the nearest codeword :math:`c^\star(w)` (see :func:`nearest_codewords`) scaled by
+    the weight's own magnitudes, and its gradient passes straight through to the stored weight
+    ``layer.parametrizations.weight.original`` (the same parameter object as before). The layer's
+    quantizer then sees the projected signs with the original magnitudes: ``ste_sign`` gives
+    :math:`c^\star` with the usual :math:`|w| \le 1` gradient mask, ``magnitude_aware_sign``
+    :math:`\mathrm{mean}|w| \cdot c^\star`, and in flip mode (:math:`|w| = 1`) the weight is
+    :math:`c^\star` itself. A weight of exactly 0 keeps the codeword's sign with magnitude
+    ``torch.finfo(dtype).tiny``.
 
     Attributes:
-        qbn_codebook: ``(2^k, kh*kw)`` ±1 codewords (a buffer; it follows ``.to(device)``).
-        qbn_k: index width k.
-        qbn_distance: ``"hamming"`` or ``"magnitude"``.
+        codebook: ``(2^k, kh*kw)`` ±1 codewords (a buffer; it follows ``.to(device)``).
+        k: index width.
+        kernel_size: ``(kh, kw)``.
+        distance: ``"hamming"`` or ``"magnitude"``.
     """
 
-    qbn_codebook: Tensor
-    qbn_k: int
-    qbn_distance: str
+    codebook: Tensor
 
-    def _qbn_setup(self, codes: Tensor, k: int, distance: str) -> None:
+    def __init__(self, codes: Tensor, k: int, kernel_size: tuple[int, int], distance: str) -> None:
+        super().__init__()
+        self.kernel_size = (int(kernel_size[0]), int(kernel_size[1]))
+        self.register_buffer("codebook", torch.empty(0), persistent=False)
+        self._setup(codes, k, distance)
+
+    def _setup(self, codes: Tensor, k: int, distance: str) -> None:
         k = check_k(k, self.kernel_size[0] * self.kernel_size[1])
+        codes = torch.as_tensor(codes, dtype=torch.int64).reshape(-1).cpu()
         if len(codes) != 1 << k:
             raise ValueError(f"a codebook for k={k} must hold {1 << k} codes, got {len(codes)}")
-        if distance == "auto":
-            distance = "hamming" if self.weight_mode == "flip" else "magnitude"
         if distance not in ("hamming", "magnitude"):
             raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
-        cb = codebook_signs(codes.cpu(), tuple(self.kernel_size), self.weight.dtype).to(self.weight.device)
-        if "qbn_codebook" in self._buffers:
-            self._buffers["qbn_codebook"] = cb
-        else:
-            self.register_buffer("qbn_codebook", cb, persistent=False)
-        self.qbn_k = k
-        self.qbn_distance = distance
+        device = self.codebook.device
+        self.codebook = codebook_signs(codes, self.kernel_size).to(device)
+        self.k = k
+        self.distance = distance
 
     @property
-    def qbn_codes(self) -> Tensor:
+    def codes(self) -> Tensor:
         """The codebook as ``int64`` kernel codes ``(2^k,)``."""
         kh, kw = self.kernel_size
-        return encode_kernels(self.qbn_codebook.reshape(-1, kh, kw)).cpu()
+        return encode_kernels(self.codebook.reshape(-1, kh, kw)).cpu()
 
-    @property
-    def qbn_indices(self) -> Tensor:
-        """Codeword index of every kernel, ``(out_channels, in_channels / groups)`` ``int64``."""
-        return nearest_codewords(self.weight.detach(), self.qbn_codebook, self.qbn_distance)  # type: ignore[arg-type]
+    def indices(self, weight: Tensor) -> Tensor:
+        """Codeword index of every kernel of the stored ``weight``, ``(out, in / groups)`` ``int64``."""
+        return nearest_codewords(weight.detach(), self.codebook, self.distance)  # type: ignore[arg-type]
 
-    def projected_signs(self) -> Tensor:
-        """The ±1 weight after projection (no gradient), same shape as ``weight``."""
-        idx = self.qbn_indices
-        return self.qbn_codebook[idx.reshape(-1)].reshape(self.weight.shape).to(self.weight.dtype)
+    def project(self, weight: Tensor) -> Tensor:
+        """The ±1 projected weight (no gradient), same shape and dtype as ``weight``."""
+        idx = self.indices(weight)
+        return self.codebook[idx.reshape(-1)].reshape(weight.shape).to(weight.dtype)
 
-    def quantized_weight(self) -> Tensor:
-        q = super().quantized_weight()
-        # keep the quantizer's magnitude (1 for ste_sign; the channel mean for magnitude_aware_sign)
-        mag = q.detach().abs()
-        target = self.projected_signs() * torch.where(mag > 0, mag, torch.ones_like(mag))
-        if q.requires_grad:
-            return q + (target - q).detach()
-        return target
-
-    def binary_weight(self) -> Tensor:
-        return self.projected_signs()
-
-    def to_stored(self) -> "QBNStored":
-        """The compressed form: codebook codes and ``k``-bit packed indices."""
-        idx = self.qbn_indices.reshape(-1)
-        return QBNStored(
-            k=self.qbn_k,
-            kernel_size=(int(self.kernel_size[0]), int(self.kernel_size[1])),
-            weight_shape=tuple(int(s) for s in self.weight.shape),
-            codebook=self.qbn_codes.to(torch.int64),
-            packed_indices=pack_indices(idx.cpu(), self.qbn_k),
-        )
+    def forward(self, weight: Tensor) -> Tensor:
+        mag = weight.detach().abs()
+        if weight.is_floating_point():
+            mag = torch.where(mag > 0, mag, torch.full_like(mag, torch.finfo(weight.dtype).tiny))
+        target = self.project(weight) * mag
+        return weight + (target - weight).detach()
 
     def get_extra_state(self) -> dict:
-        state = super().get_extra_state()
-        state.update(qbn_k=self.qbn_k, qbn_distance=self.qbn_distance, qbn_codes=self.qbn_codes.clone())
-        return state
+        """``{"k", "distance", "codes"}``: the codebook travels with the state dict."""
+        return {"k": self.k, "distance": self.distance, "codes": self.codes.clone()}
 
     def set_extra_state(self, state: dict) -> None:
-        super().set_extra_state(state)
-        if isinstance(state, dict) and "qbn_codes" in state:
-            self._qbn_setup(torch.as_tensor(state["qbn_codes"]), int(state["qbn_k"]), str(state["qbn_distance"]))
+        if isinstance(state, dict) and "codes" in state:
+            self._setup(torch.as_tensor(state["codes"]), int(state["k"]), str(state["distance"]))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", qbn_k={self.qbn_k}, qbn_distance={self.qbn_distance}"
+        return f"k={self.k}, kernel_size={self.kernel_size}, distance={self.distance}"
 
 
-def qbn_layers(model: nn.Module) -> list[tuple[str, QBNConv2d]]:
-    """The QBN layers of ``model`` as ``(name, module)`` pairs."""
-    return [(n, m) for n, m in binary_modules(model) if isinstance(m, QBNConv2d)]
+def projection(layer: nn.Module) -> QBNProjection | None:
+    """The :class:`QBNProjection` on ``layer.weight``, or ``None`` if the layer is not under QBN."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        return None
+    for p in layer.parametrizations["weight"]:  # type: ignore[union-attr]
+        if isinstance(p, QBNProjection):
+            return p
+    return None
+
+
+def stored_weight(layer: nn.Module) -> Tensor:
+    """The layer's weight parameter itself (the original one under a parametrization)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations["weight"].original  # type: ignore[union-attr]
+    return layer.weight  # type: ignore[return-value]
+
+
+def qbn_layers(model: nn.Module) -> list[tuple[str, BinaryConv2d]]:
+    """The binary convolutions of ``model`` under QBN projection, as ``(name, module)`` pairs."""
+    return [(n, m) for n, m in binary_modules(model) if isinstance(m, BinaryConv2d) and projection(m) is not None]
+
+
+def _attach(m: BinaryConv2d, codes: Tensor, k: int, distance: str) -> None:
+    """Put ``m`` under projection onto ``codes`` (re-targeting an existing projection)."""
+    if distance == "auto":
+        distance = "hamming" if m.weight_mode == "flip" else "magnitude"
+    p = projection(m)
+    if p is not None:
+        p._setup(codes, k, distance)
+        return
+    p = QBNProjection(codes, k, tuple(m.kernel_size), distance).to(stored_weight(m).device)
+    parametrize.register_parametrization(m, "weight", p)
 
 
 def apply_qbn(
@@ -250,8 +262,11 @@ def apply_qbn(
     distance: Distance = "auto",
     codebooks: Mapping[str, Tensor] | None = None,
     exclude: Iterable[str] = (),
-) -> dict[str, QBNConv2d]:
+) -> dict[str, BinaryConv2d]:
     """Put every binary 3×3 convolution of ``model`` under QBN projection, in place.
+
+    Each layer gets a :class:`QBNProjection` parametrization on its ``weight``; the weight
+    parameter stays the same object, so an optimizer built before keeps training it.
 
     Args:
         model: a model with :class:`~flipnet.layers.BinaryConv2d` 3×3 layers.
@@ -259,11 +274,11 @@ def apply_qbn(
         distance: ``"auto"`` (Hamming in flip mode, magnitude-weighted in latent mode),
             ``"hamming"`` or ``"magnitude"``.
         codebooks: optional ``{layer name: codes}`` to use instead of the layer's own most
-            frequent kernels (e.g. from :func:`load_qbn`).
+            frequent kernels.
         exclude: layer names to leave at 1 bit per weight.
 
     Returns:
-        ``{name: layer}`` of the converted layers (already-QBN layers are re-targeted).
+        ``{name: layer}`` of the converted layers (layers already under QBN are re-targeted).
 
     Raises:
         ValueError: if no layer qualifies or ``k`` is out of range.
@@ -272,20 +287,18 @@ def apply_qbn(
     if distance not in _DISTANCES:
         raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
     skip = set(exclude)
-    out: dict[str, QBNConv2d] = {}
+    out: dict[str, BinaryConv2d] = {}
     for name, m in kernel_layers(model):
         if name in skip:
             continue
+        assert isinstance(m, BinaryConv2d)
         if codebooks is not None and name in codebooks:
             codes = torch.as_tensor(codebooks[name], dtype=torch.int64)
         else:
-            # the layer's own signs: for a layer already under QBN, binary_weight() would give the
-            # projected kernels, i.e. at most the old codebook's 2^k' codes
-            codes = select_codebook(encode_kernels(BinaryConv2d.binary_weight(m).reshape(-1, 3, 3)).cpu(), k)
-        if not isinstance(m, QBNConv2d):
-            m.__class__ = QBNConv2d
-        assert isinstance(m, QBNConv2d)
-        m._qbn_setup(codes, k, distance)
+            # the layer's own signs: under QBN already, layer.weight would give the projected
+            # kernels, i.e. at most the old codebook's 2^k' codes
+            codes = select_codebook(encode_kernels(sign(stored_weight(m).detach()).reshape(-1, 3, 3)).cpu(), k)
+        _attach(m, codes, k, distance)
         out[name] = m
     if not out:
         raise ValueError("the model has no binary 3×3 convolution to put under QBN (or all were excluded)")
@@ -294,24 +307,15 @@ def apply_qbn(
 
 @torch.no_grad()
 def remove_qbn(model: nn.Module, bake: bool = True) -> list[str]:
-    """Turn QBN layers back into plain :class:`~flipnet.layers.BinaryConv2d`, in place.
+    """Take the QBN projection off every layer, in place; returns the names of those layers.
 
-    With ``bake`` the weight is first set so that its signs are the projected kernels (flip mode:
-    the ±1 codewords; latent mode: codeword × max(|w|, 1e-8), keeping magnitudes). Returns the
-    names of the converted layers.
+    With ``bake`` (default) the weight keeps its projected value
+    (``remove_parametrizations(..., leave_parametrized=True)``: flip mode the ±1 codewords,
+    latent mode codeword × |w|); without, the stored weight is left as it was trained.
     """
     names = []
     for name, m in qbn_layers(model):
-        if bake:
-            target = m.projected_signs()
-            if m.weight_mode == "flip":
-                m.weight.copy_(target)
-            else:
-                m.weight.copy_(target * m.weight.abs().clamp_min(1e-8))
-        del m._buffers["qbn_codebook"]
-        for attr in ("qbn_k", "qbn_distance"):
-            m.__dict__.pop(attr, None)
-        m.__class__ = BinaryConv2d
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=bake)
         names.append(name)
     return names
 
@@ -348,11 +352,12 @@ def qbn_bits(model: nn.Module) -> list[QBNLayerBits]:
     """
     rows: list[QBNLayerBits] = []
     for name, m in binary_modules(model):
-        n = m.weight.numel()
-        if isinstance(m, QBNConv2d):
-            kh, kw = m.kernel_size
+        n = stored_weight(m).numel()
+        p = projection(m)
+        if p is not None:
+            kh, kw = p.kernel_size
             kernels = n // (kh * kw)
-            rows.append(QBNLayerBits(name, n, kernels, m.qbn_k, kernels * m.qbn_k, (1 << m.qbn_k) * kh * kw))
+            rows.append(QBNLayerBits(name, n, kernels, p.k, kernels * p.k, (1 << p.k) * kh * kw))
         else:
             rows.append(QBNLayerBits(name, n, 0, None, n, 0))
     if not rows:
@@ -376,13 +381,13 @@ def qbn_bits(model: nn.Module) -> list[QBNLayerBits]:
 # ----------------------------------------------------------------------------- stored form
 @dataclass
 class QBNStored:
-    """Compressed weights of one QBN layer.
+    """Compressed weights of one QBN layer (how the export stores it, see ``docs/deployment.md``).
 
     Attributes:
         k: index width.
         kernel_size: ``(kh, kw)``.
         weight_shape: shape of the layer weight ``(out, in/groups, kh, kw)``.
-        codebook: ``(2^k,)`` ``int64`` kernel codes (``int16`` in :meth:`to_tensors`).
+        codebook: ``(2^k,)`` ``int64`` kernel codes (:mod:`flipnet.compress.codes`).
         packed_indices: ``uint8`` bytes, ``k`` bits per kernel, LSB first
             (:func:`flipnet.compress.pack.pack_indices`).
     """
@@ -405,53 +410,32 @@ class QBNStored:
     def indices(self) -> Tensor:
         return unpack_indices(self.packed_indices.reshape(-1).to(torch.uint8), self.k, self.n_kernels)
 
+    def codebook_signs(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The ±1 codebook ``(2^k, kh*kw)``."""
+        return codebook_signs(self.codebook, self.kernel_size, dtype)
+
     def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The ±1 weight tensor."""
-        cb = codebook_signs(self.codebook, self.kernel_size, dtype)
-        return cb[self.indices()].reshape(self.weight_shape)
+        return self.codebook_signs(dtype)[self.indices()].reshape(self.weight_shape)
 
-    def to_tensors(self, prefix: str = "") -> dict[str, Tensor]:
-        """Flat tensors for safetensors: ``{prefix}qbn_codebook`` (int16 codes; 9-bit codes fit),
-        ``{prefix}qbn_indices`` (packed uint8) and ``{prefix}qbn_meta`` (int64: k, kh, kw, shape...)."""
-        meta = torch.tensor([self.k, *self.kernel_size, *self.weight_shape], dtype=torch.int64)
-        return {
-            f"{prefix}qbn_codebook": self.codebook.to(torch.int16).contiguous(),
-            f"{prefix}qbn_indices": self.packed_indices.to(torch.uint8).contiguous(),
-            f"{prefix}qbn_meta": meta,
-        }
 
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, Tensor], prefix: str = "") -> "QBNStored":
-        """Inverse of :meth:`to_tensors`; checks sizes and raises ``ValueError`` on a mismatch."""
-        try:
-            meta = [int(v) for v in tensors[f"{prefix}qbn_meta"].tolist()]
-            codebook = tensors[f"{prefix}qbn_codebook"].to(torch.int64)
-            packed = tensors[f"{prefix}qbn_indices"].to(torch.uint8)
-        except KeyError as e:
-            raise ValueError(f"QBN tensors for {prefix!r} are incomplete: missing {e.args[0]!r}") from None
-        if len(meta) < 4:
-            raise ValueError(f"QBN metadata for {prefix!r} is malformed")
-        k, kh, kw, shape = meta[0], meta[1], meta[2], tuple(meta[3:])
-        if kh < 1 or kw < 1 or any(s < 0 for s in shape):
-            raise ValueError(f"QBN metadata for {prefix!r} is malformed (kernel {kh}×{kw}, weight shape {shape})")
-        check_k(k, kh * kw)
-        if len(codebook) != 1 << k:
-            raise ValueError(f"QBN codebook for {prefix!r} holds {len(codebook)} codes, expected {1 << k}")
-        stored = cls(k, (kh, kw), shape, codebook, packed)
-        if int(np.prod(shape)) % (kh * kw):
-            raise ValueError(f"QBN weight shape {shape} is not made of {kh}×{kw} kernels")
-        if packed.numel() != math.ceil(stored.n_kernels * k / 8):
-            raise ValueError(f"QBN indices for {prefix!r} hold {packed.numel()} bytes, expected "
-                             f"{math.ceil(stored.n_kernels * k / 8)}")
-        return stored
+def stored_form(layer: nn.Module) -> QBNStored | None:
+    """The compressed form of a layer under QBN (codebook codes and ``k``-bit packed indices), else ``None``."""
+    p = projection(layer)
+    if p is None:
+        return None
+    w = stored_weight(layer)
+    idx = p.indices(w).reshape(-1).cpu()
+    return QBNStored(k=p.k, kernel_size=p.kernel_size, weight_shape=tuple(int(s) for s in w.shape),
+                     codebook=p.codes.to(torch.int64), packed_indices=pack_indices(idx, p.k))
 
 
 def to_stored(model: nn.Module) -> dict[str, QBNStored]:
     """``{layer name: QBNStored}`` for every QBN layer of ``model``."""
-    out = {name: m.to_stored() for name, m in qbn_layers(model)}
+    out = {name: stored_form(m) for name, m in qbn_layers(model)}
     if not out:
         raise ValueError("the model has no QBN layer; call apply_qbn(model, k) first")
-    return out
+    return out  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -460,7 +444,8 @@ def from_stored(model: nn.Module, stored: Mapping[str, QBNStored], distance: Dis
 
     Each named layer's weight is set to the decoded ±1 kernels (latent mode: ±1 as the latent
     value) and the layer is put under QBN with the stored codebook, so its forward pass reproduces
-    the stored weights exactly.
+    the stored weights exactly. ``stored`` comes from :func:`to_stored` or, for a file, from
+    :func:`flipnet.compress.export.load_qbn`.
     """
     if not stored:
         raise ValueError("no stored QBN layers given")
@@ -470,52 +455,9 @@ def from_stored(model: nn.Module, stored: Mapping[str, QBNStored], distance: Dis
         if not isinstance(m, BinaryConv2d) or tuple(m.kernel_size) != tuple(s.kernel_size):
             raise KeyError(f"layer {name!r} of the stored QBN weights is not a binary "
                            f"{s.kernel_size[0]}×{s.kernel_size[1]} convolution of this model")
-        if tuple(m.weight.shape) != tuple(s.weight_shape):
-            raise ValueError(f"layer {name!r}: stored weight shape {s.weight_shape} != model {tuple(m.weight.shape)}")
-        m.weight.copy_(s.decode(m.weight.dtype).to(m.weight.device))
-        if not isinstance(m, QBNConv2d):
-            m.__class__ = QBNConv2d
-        assert isinstance(m, QBNConv2d)
-        m._qbn_setup(s.codebook, s.k, distance)
+        w = stored_weight(m)
+        if tuple(w.shape) != tuple(s.weight_shape):
+            raise ValueError(f"layer {name!r}: stored weight shape {s.weight_shape} != model {tuple(w.shape)}")
+        w.copy_(s.decode(w.dtype).to(w.device))
+        _attach(m, s.codebook, s.k, distance)
     return model
-
-
-def save_qbn(path: str | Path, model_or_stored: nn.Module | Mapping[str, QBNStored], metadata: Mapping[str, str] | None = None) -> Path:
-    """Write the stored QBN layers to a safetensors file (keys ``<layer>.qbn_*``), atomically."""
-    from safetensors.torch import save_file
-
-    from ..utils import atomic_path
-
-    stored = to_stored(model_or_stored) if isinstance(model_or_stored, nn.Module) else dict(model_or_stored)
-    tensors: dict[str, Tensor] = {}
-    for name, s in stored.items():
-        tensors.update(s.to_tensors(f"{name}."))
-    meta = {"format": "flipnet-qbn", "version": "1", "layers": json.dumps(list(stored))}
-    meta.update(metadata or {})
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
-
-
-def load_qbn(path: str | Path) -> dict[str, QBNStored]:
-    """Read a file written by :func:`save_qbn`."""
-    from safetensors import safe_open
-
-    from ..errors import ExportFormatError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no QBN file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:  # safetensors raises its own error types on malformed files
-        raise ExportFormatError(f"{path} is not a readable safetensors file ({e})") from None
-    if meta.get("format") != "flipnet-qbn":
-        raise ExportFormatError(f"{path} is not a flipnet QBN file (format={meta.get('format')!r})")
-    try:
-        return {name: QBNStored.from_tensors(tensors, f"{name}.") for name in json.loads(meta["layers"])}
-    except (ValueError, KeyError) as e:
-        raise ExportFormatError(f"{path}: {e}") from None
