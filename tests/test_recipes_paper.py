@@ -43,6 +43,7 @@ def _common(tmp_path: Path) -> list[str]:
         "train.eval_every=1",
         "data.batch_size=8",
         "data.eval_batch_size=16",
+        "data.val_size=4",
         f"output.dir={tmp_path}",
     ]
 
@@ -114,7 +115,7 @@ def test_bop_paper_protocol():
         c = load_config(name)
         assert (c.data.batch_size, c.train.epochs, c.data.augment) == (50, 500, True)
         assert c.optim.binary_kwargs == {"gamma": 1e-4, "threshold": 1e-8}
-        assert c.optim.real == "adam" and c.optim.real_kwargs == {"lr": 1e-2}
+        assert c.optim.real == "adam" and c.optim.real_kwargs == {"lr": 1e-2, "eps": 1e-7}
         s = _schedule(c, "gamma")
         assert (s.type, s.unit, s.params) == ("step", "epoch", {"factor": 0.1, "every": 100})
         assert [s.key for s in c.optim.schedules] == ["gamma"]  # Adam stays constant
@@ -144,7 +145,62 @@ def test_cema_follows_the_sgd_mapping():
     assert c.optim.binary_kwargs["gamma"] == pytest.approx(1 - mu)
     alpha = _schedule(c, "alpha")
     assert alpha.type == "linear" and alpha.params["end"] == 0.0
+    # the reference decays alpha (and the real lr) once per epoch: LambdaLR(1 - epoch/epochs)
+    assert alpha.unit == "epoch" and _schedule(c, "lr").unit == "epoch"
     assert not [s for s in c.optim.schedules if s.key == "gamma"]
+
+
+def test_cema_alpha_decays_per_epoch_like_the_reference():
+    """alpha at epoch e is alpha0 * (1 - e / epochs), constant within an epoch; unit=step stays available."""
+    from flipnet.optim.schedules import schedule_from_dict
+
+    c = load_config("cema_cifar10")
+    spec = {k: v for k, v in (("type", _schedule(c, "alpha").type), *_schedule(c, "alpha").params.items())}
+    a0, epochs = c.optim.binary_kwargs["alpha"], c.train.epochs
+    per_epoch = schedule_from_dict(spec, a0, epochs)
+    for e in (0, 1, 250, 499, 500):
+        assert per_epoch(e) == pytest.approx(a0 * (1 - e / epochs))
+    per_step = schedule_from_dict(spec, a0, epochs * 1000)
+    assert per_step(500) == pytest.approx(a0 * (1 - 0.5 / epochs))  # the per-step option decays within epoch 0
+
+
+KERAS_RECIPES = ["bop_cifar10", "bop_constant_gamma_cifar10", "bop_dropout_cifar10", "adam_cifar10",
+                 "bop2_biased_cifar10", "bop2_unbiased_cifar10"]
+
+
+@pytest.mark.parametrize("name", KERAS_RECIPES)
+def test_recipes_of_keras_code_use_keras_conventions(name):
+    c = load_config(name)
+    assert c.model.init == "glorot_uniform"
+    for route, opt, kwargs in (("binary", c.optim.binary, c.optim.binary_kwargs), ("real", c.optim.real, c.optim.real_kwargs)):
+        if opt in ("adam", "adamw"):
+            assert kwargs["eps"] == 1e-7, (route, kwargs)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_paper_recipes_train_in_fp32_unless_they_opt_into_bf16(name):
+    c = load_config(name)
+    assert c.train.precision == ("bf16" if name == "fast91_cifar10" else "fp32")
+
+
+@pytest.mark.parametrize("name", CIFAR_RECIPES + SVHN_RECIPES + TWO_STEP + ["digits_bop", "digits_adam"])
+def test_validation_split_is_on(name):
+    c = load_config(name)
+    assert c.data.val_size not in (None, 0, 0.0)
+
+
+def test_adam_cifar10_states_the_reference_baseline_truthfully():
+    text = recipe_path("adam_cifar10").read_text(encoding="utf-8")
+    assert "128 filters" in text and "1,024 dense units" in text and "Adam 5e-3, batch 256, 100 epochs" in text
+    assert "4,096" not in text and "64 filters" not in text
+
+
+@pytest.mark.parametrize("name", sorted(__import__("flipnet.train.config", fromlist=["x"]).list_recipes()))
+def test_every_recipe_header_cites_its_number_and_source(name):
+    text = recipe_path(name).read_text(encoding="utf-8")
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert "reported" in header, f"{name}: the header must state the reported number (or that there is none)"
+    assert any(w in header for w in ("reference code", "source", "Source", "flipnet's own", "no paper", "flipnet benchmark")), name
 
 
 def test_fast91_scaling_rule():
