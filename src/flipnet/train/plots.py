@@ -1,8 +1,21 @@
 """Training curves from run folders: loss, accuracy and flip ratio per epoch (PNG, matplotlib Agg).
 
-:func:`plot_runs` reads ``metrics.jsonl`` of one or more run folders and overlays them, one colour
-per run. ``flipnet plot RUN [RUN ...] [--out DIR]`` calls it; the trainer calls it at the end of a
-run to fill ``RUN/plots``.
+:func:`plot_runs` reads ``metrics.jsonl`` of run folders and group folders (several seeds trained
+together, see :mod:`flipnet.train.compare` for the layout) and overlays them:
+
+* runs whose configs differ only in the seed are one *seed group*: its mean is the line and
+  mean ± standard deviation over seeds (sample std, per epoch) the shaded band;
+* curves are labelled by the hyperparameters in which the groups differ (``gamma=0.0001``),
+  or by ``labels``;
+* legends sit outside the axes (right of them), never over the curves;
+* per-layer flip ratios (one group) cycle through colour *and* line style, so more than ten
+  layers stay distinguishable (10 colours × 4 styles);
+* the epoch axis has whole-epoch ticks; accuracy is a fraction on a fixed 0..1 axis and loss
+  starts at 0, so figures are comparable and differences are not magnified by the axis range;
+  flip ratios are on a log axis (labelled as such).
+
+``flipnet plot RUN_OR_GROUP ... [--out DIR] [--labels A B ...] [--separate-seeds]`` calls it;
+the trainer calls it at the end of a run to fill ``RUN/plots``.
 """
 
 from __future__ import annotations
@@ -10,13 +23,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
 from flipnet.errors import CheckpointError
 from flipnet.utils import atomic_path
 
-__all__ = ["read_metrics", "plot_runs"]
+__all__ = ["read_metrics", "plot_runs", "LINESTYLES"]
+
+#: Line styles cycled (with the colours) for per-layer curves.
+LINESTYLES: tuple[Any, ...] = ("-", "--", ":", "-.")
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -42,19 +59,32 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a crash while appending
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row.get("epoch"), bool):
             rows[row["epoch"]] = row
     return [rows[e] for e in sorted(rows)]
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
+def _series(rows: list[dict[str, Any]], key: str) -> dict[int, float]:
+    out: dict[int, float] = {}
     for r in rows:
         v = r.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            xs.append(r["epoch"])
-            ys.append(float(v))
-    return xs, ys
+            out[int(r["epoch"])] = float(v)
+    return out
+
+
+def group_series(runs: Sequence[Any], key: str) -> tuple[list[int], list[float], list[float | None]]:
+    """Epochs, mean and sample std (``None`` where fewer than two runs have the epoch) of ``key``
+    over the runs of a seed group."""
+    per_run = [_series(r.rows, key) for r in runs]
+    epochs = sorted({e for s in per_run for e in s})
+    xs, mean, std = [], [], []
+    for e in epochs:
+        vals = [s[e] for s in per_run if e in s]
+        xs.append(e)
+        mean.append(statistics.fmean(vals))
+        std.append(statistics.stdev(vals) if len(vals) > 1 else None)
+    return xs, mean, std
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -62,90 +92,144 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
+def _draw(ax: Any, xs: list[int], mean: list[float], std: list[float | None], *, color: Any, style: Any,
+          label: str, lw: float = 1.6) -> bool:
+    """Mean line, plus a ±std band where defined. Returns whether something was drawn."""
+    if not xs:
+        return False
+    ax.plot(xs, mean, linestyle=style, color=color, lw=lw, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+    bx = [x for x, s in zip(xs, std) if s is not None]
+    if len(bx) >= 1:
+        lo = [m - s for m, s in zip(mean, std) if s is not None]
+        hi = [m + s for m, s in zip(mean, std) if s is not None]
+        ax.fill_between(bx, lo, hi, color=color, alpha=0.18, lw=0)
+    return True
+
+
+def _epoch_axis(ax: Any, epochs: Sequence[int]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if epochs:
+        lo, hi = min(epochs), max(epochs)
+        ax.set_xlim(lo - 0.3, hi + 0.3)
+
+
+def _legend(ax: Any, fontsize: float = 8) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=fontsize, frameon=False)
+
+
+def _title(base: str, groups: Sequence[Any]) -> str:
+    n = [len(g.runs) for g in groups]
+    if len(groups) == 1:
+        g = groups[0]
+        return f"{base} — {g.label}" + (f" (mean ± std over {n[0]} seeds)" if n[0] > 1 else "")
+    return base + (" (mean ± std over seeds)" if any(k > 1 for k in n) else "")
+
+
 def plot_runs(
     run_dirs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
     labels: Sequence[str] | None = None,
+    *,
+    merge_seeds: bool = True,
 ) -> list[Path]:
-    """Draw ``loss.png``, ``accuracy.png`` and ``flip_ratio.png`` for one run or an overlay of runs.
+    """Draw ``loss.png``, ``accuracy.png`` and ``flip_ratio.png`` for runs, seed groups or an overlay.
 
     Args:
-        run_dirs: run folders (each with a ``metrics.jsonl``).
-        out_dir: where the PNGs go; default ``RUN/plots`` for one run, ``./plots`` for several.
-        labels: legend labels (default: the run folder names).
+        run_dirs: run folders (each with a ``metrics.jsonl``) and/or group folders (whose
+            sub-folders are run folders).
+        out_dir: where the PNGs go; default ``PATH/plots`` for one path, ``./plots`` for several.
+        labels: one label per curve (per seed group; or per path, which then keeps every run its
+            own curve); default: the differing hyperparameters.
+        merge_seeds: draw runs that differ only in the seed as one mean ± std band (default).
 
     Returns:
-        The paths written. ``flip_ratio.png`` is drawn only when some run logged flip ratios.
-        With one run, the flip-ratio plot also shows each binary layer.
+        The paths written. ``flip_ratio.png`` is drawn only when some run logged flip ratios;
+        with one curve it also shows each binary layer (mean over seeds).
 
     Raises:
-        CheckpointError: a folder is not a run folder.
+        CheckpointError: a path is neither a run folder nor a group folder.
+        ValueError: no paths, or a label count that fits neither the curves nor the paths.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+
+    from .compare import load_groups
 
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run folder")
-    runs = [Path(r) for r in run_dirs]
-    data = [read_metrics(r) for r in runs]
-    names = list(labels) if labels is not None else [r.resolve().name for r in runs]
-    if len(names) != len(runs):
-        raise ValueError(f"{len(names)} labels for {len(runs)} runs")
-    out = Path(out_dir) if out_dir is not None else (runs[0] / "plots" if len(runs) == 1 else Path("plots"))
+    groups, _ = load_groups(run_dirs, labels, merge_seeds)
+    paths = [Path(r) for r in run_dirs]
+    out = Path(out_dir) if out_dir is not None else (paths[0] / "plots" if len(paths) == 1 else Path("plots"))
     out.mkdir(parents=True, exist_ok=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     written: list[Path] = []
-    single = len(runs) == 1
+    single = len(groups) == 1
+    all_epochs = sorted({int(r["epoch"]) for g in groups for run in g.runs for r in run.rows})
+    splits = (("train", "--"), ("val", "-"), ("test", ":"))
 
-    for fname, title, ylabel, keys in (
-        ("loss.png", "Loss", "cross-entropy", ("train_loss", "test_loss")),
-        ("accuracy.png", "Accuracy", "accuracy", ("train_acc", "test_acc")),
+    for fname, title, ylabel, metric in (
+        ("loss.png", "Loss", "cross-entropy loss", "loss"),
+        ("accuracy.png", "Accuracy", "accuracy (fraction correct)", "acc"),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for i, (rows, name) in enumerate(zip(data, names)):
+        top = 0.0
+        for i, g in enumerate(groups):
             color = colors[i % len(colors)]
-            for key, style in zip(keys, ("--", "-")):
-                xs, ys = _series(rows, key)
-                if xs:
-                    split = key.split("_")[0]
-                    label = split if single else f"{name} ({split})"
-                    ax.plot(xs, ys, style, color=color, marker="o" if len(xs) < 30 else None, ms=3, label=label)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            for split, style in splits:
+                xs, mean, std = group_series(g.runs, f"{split}_{metric}")
+                label = split if single else f"{g.label} ({split})"
+                if _draw(ax, xs, mean, std, color=color if not single else colors[["train", "val", "test"].index(split)],
+                         style=style, label=label):
+                    top = max([top] + [m + (s or 0.0) for m, s in zip(mean, std)])
+        _epoch_axis(ax, all_epochs)
         ax.set_ylabel(ylabel)
-        ax.set_title(title + ("" if not single else f" — {names[0]}"))
+        if metric == "acc":
+            ax.set_ylim(0.0, 1.0)
+        else:
+            ax.set_ylim(0.0, top * 1.05 if top > 0 else 1.0)
+        ax.set_title(_title(title, groups), fontsize=10)
         ax.grid(True, alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
+        _legend(ax)
         _save(fig, out / fname)
         plt.close(fig)
         written.append(out / fname)
 
-    if any(_series(rows, "flip_ratio")[0] for rows in data):
+    if any(_series(run.rows, "flip_ratio") for g in groups for run in g.runs):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         positive = False
-        for i, (rows, name) in enumerate(zip(data, names)):
-            color = colors[i % len(colors)]
-            xs, ys = _series(rows, "flip_ratio")
-            positive |= any(y > 0 for y in ys)
-            ax.plot(xs, ys, "-", color=color, lw=2, label="total" if single else name)
-            if single:
-                layer_keys = sorted({k for r in rows for k in r if k.startswith("flip_ratio/")})
-                for j, key in enumerate(layer_keys):
-                    lx, ly = _series(rows, key)
-                    positive |= any(y > 0 for y in ly)
-                    ax.plot(lx, ly, ":", lw=1, color=colors[(j + 1) % len(colors)], label=key.split("/", 1)[1])
+        for i, g in enumerate(groups):
+            xs, mean, std = group_series(g.runs, "flip_ratio")
+            positive |= any(y > 0 for y in mean)
+            _draw(ax, xs, mean, std, color="black" if single else colors[i % len(colors)], style="-",
+                  label="all binary layers" if single else g.label, lw=2.2)
+        if single:
+            g = groups[0]
+            layer_keys: list[str] = []
+            for run in g.runs:
+                for r in run.rows:
+                    for k in r:
+                        if k.startswith("flip_ratio/") and k not in layer_keys:
+                            layer_keys.append(k)
+            for j, key in enumerate(layer_keys):
+                xs, mean, std = group_series(g.runs, key)
+                positive |= any(y > 0 for y in mean)
+                _draw(ax, xs, mean, [None] * len(xs), color=colors[j % len(colors)],
+                      style=LINESTYLES[(j // len(colors)) % len(LINESTYLES)], label=key.split("/", 1)[1], lw=1.0)
         if positive:
             ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("flips per weight per step")
-        ax.set_title("Flip ratio" + ("" if not single else f" — {names[0]}"))
+            ax.set_ylabel("flips per weight per step (log scale)")
+        else:
+            ax.set_ylabel("flips per weight per step")
+        _epoch_axis(ax, all_epochs)
+        ax.set_title(_title("Flip ratio", groups), fontsize=10)
         ax.grid(True, alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
         _save(fig, out / "flip_ratio.png")
         plt.close(fig)
         written.append(out / "flip_ratio.png")
