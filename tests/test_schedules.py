@@ -12,9 +12,8 @@ from torch import nn
 
 from flipnet.errors import ConfigError
 from flipnet.layers import BinaryLinear
-from flipnet.optim import (
-    CEMA,
-    Bop,
+from flipnet.optim import CEMA, Bop, create_optimizer, prepare_model_for
+from flipnet.optim.schedules import (
     Constant,
     Cosine,
     Exponential,
@@ -22,7 +21,6 @@ from flipnet.optim import (
     Lambda,
     Linear,
     StepDecay,
-    create_optimizer,
     schedule_from_dict,
     scheduler_from_dict,
 )
@@ -80,7 +78,7 @@ def test_bad_schedule_arguments(make, match):
 def routed():
     torch.manual_seed(0)
     model = nn.Sequential(BinaryLinear(4, 8), nn.BatchNorm1d(8), BinaryLinear(8, 2))
-    return model, create_optimizer(model, "bop", {"gamma": 1e-3, "threshold": 1e-6}, "adam", {"lr": 1e-2})
+    return model, create_optimizer(prepare_model_for(model, "bop"), "bop", {"gamma": 1e-3, "threshold": 1e-6}, "adam", {"lr": 1e-2})
 
 
 def test_scheduler_writes_values_per_route_and_key():
@@ -224,7 +222,7 @@ def test_misspelt_schedule_names_get_a_suggestion():
 
 def test_a_misspelt_group_key_gets_a_suggestion_but_a_foreign_one_does_not():
     model = nn.Sequential(BinaryLinear(4, 3), nn.BatchNorm1d(3))
-    opt = create_optimizer(model, "bop", {"gamma": 1e-3}, "adam", {"lr": 1e-2})
+    opt = create_optimizer(prepare_model_for(model, "bop"), "bop", {"gamma": 1e-3}, "adam", {"lr": 1e-2})
     with pytest.raises(ValueError, match=r"no parameter group has key 'gama'; did you mean 'gamma'\? keys present"):
         HyperparamScheduler(opt, "gama", Constant(1.0))
     with pytest.raises(ValueError, match=r"groups of route 'real' have no key 'gamma'; their keys"):

@@ -417,6 +417,8 @@ def split_validation(
     Raises:
         ConfigError: a bad ``val_size`` (see :func:`resolve_val_size`), or a second split.
     """
+    if hasattr(bundle, "split_validation"):  # a streaming data set splits its own file list
+        return bundle.split_validation(val_size, seed=seed)
     n = len(bundle.train_x)
     k = resolve_val_size(val_size, n, bundle.name)
     if k == 0:

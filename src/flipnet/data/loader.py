@@ -196,6 +196,9 @@ def make_loader(
     Note: evaluation with ``world_size > 1`` repeats up to ``world_size - 1`` samples to keep the
     ranks in step (as ``DistributedSampler`` does); evaluate on one rank for exact numbers.
     """
+    if hasattr(bundle, "make_loader"):  # a streaming data set (flipnet.data.imagenet) makes its own loaders
+        return bundle.make_loader(split, batch_size, train=train, device=device, augment=augment, seed=seed,
+                                  rank=rank, world_size=world_size, num_workers=num_workers)
     x, y = bundle.split(split)
     augs, policy_pad = resolve_augment(bundle.name, augment) if train else ((), 0)
     pad = (policy_pad if pad is None else pad) if "crop" in augs else 0

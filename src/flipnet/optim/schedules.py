@@ -16,11 +16,13 @@ schedule           value at index :math:`t`
 ``Lambda(fn)``     ``fn(t)``
 =================  ==========================================================================
 
-CEMA's α decays linearly to 0 over training (Quist et al. 2023) in one line::
+CEMA's α decays linearly to 0 over training, once per epoch as in the reference code of Quist
+et al. 2023 (``alpha = alpha0 * (1 - epoch / epochs)``), in one line::
 
-    HyperparamScheduler(opt, "alpha", Linear(alpha, 0.0, total_steps))
+    HyperparamScheduler(opt, "alpha", Linear(alpha, 0.0, epochs), unit="epoch", route="binary")
 
-or in a recipe: ``{key: alpha, route: binary, type: linear, end: 0.0}``.
+or in a recipe: ``{key: alpha, route: binary, type: linear, end: 0.0, unit: epoch}``
+(``unit: step`` decays it after every optimizer step instead).
 """
 
 from __future__ import annotations
