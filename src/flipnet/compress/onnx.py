@@ -20,7 +20,7 @@ node by node with :mod:`onnx.helper` (no tracing), in one of two dialects:
 * with ``fold_batchnorm=True`` (default) a BatchNorm between a binary layer with binary inputs
   and the next sign is folded into one integer threshold per channel,
   ``Where(GreaterOrEqual(y, t), p, -p)`` with ``p = ±1``, using
-  :func:`flipnet.compress.fold_bn_threshold`: exact for every integer pre-activation ``y``
+  :func:`flipnet.compress.export.fold_bn_threshold`: exact for every integer pre-activation ``y``
   (see ``docs/deployment.md``, "BatchNorm folding"), so the following sign is dropped. Where that
   is not exact (real inputs, a max-pool after a layer with a scale ``s <= 0``, no sign after the
   BatchNorm, BatchNorm without running statistics) the BatchNorm stays a ``BatchNormalization``;
@@ -577,7 +577,7 @@ def _try_fold(g: OnnxGraph, children: list[tuple[str, nn.Module]], i: int, v: Va
     if pools and s is not None and not bool((s > 0).all()):
         return None
     gamma, beta, mean, var = _bn_params(bn, bn_name)
-    from . import fold_bn_threshold  # the folding of the safetensors export, shared
+    from .export import fold_bn_threshold  # the folding of the safetensors export, shared
 
     try:
         t, flip = fold_bn_threshold(k, bn.weight, bn.bias, mean, var, float(bn.eps), scale=s, bias=wt.bias)
