@@ -54,6 +54,7 @@ from typing import Iterator, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .functional import channel_mean_abs, conv_nd
 from .quantizers import QuantizerLike, get_quantizer, is_binary_quantizer, quantizer_name, sign
@@ -210,7 +211,7 @@ class BinaryLayer(nn.Module):
     def apply_constraint(self) -> None:
         """Clamp latent weights to ``[-weight_clip, weight_clip]`` (no-op otherwise)."""
         if self.weight_mode == "latent" and self.weight_clip is not None:
-            self.weight.clamp_(-self.weight_clip, self.weight_clip)
+            _weight_parameter(self).clamp_(-self.weight_clip, self.weight_clip)
 
     @torch.no_grad()
     def set_weight_mode(self, mode: str) -> None:
@@ -230,7 +231,8 @@ class BinaryLayer(nn.Module):
                 f"{quantizer_name(self.weight_quantizer)!r}); it cannot be put in flip mode"
             )
         if mode == "flip":
-            self.weight.copy_(sign(self.weight))
+            w = _weight_parameter(self)
+            w.copy_(sign(w))
         self.weight_mode = mode
 
     def check_binary(self) -> None:
@@ -451,6 +453,14 @@ class BinaryLinear(BinaryLayer, nn.Linear):
 
 
 # ---------------------------------------------------------------------------- discovery
+def _weight_parameter(m: nn.Module) -> nn.Parameter:
+    """The weight parameter itself: under a ``torch.nn.utils.parametrize`` parametrization (QBN's
+    projection) ``m.weight`` is computed and the parameter is ``m.parametrizations.weight.original``."""
+    if parametrize.is_parametrized(m, "weight"):
+        return m.parametrizations["weight"].original  # type: ignore[union-attr,return-value]
+    return m.weight  # type: ignore[return-value]
+
+
 def binary_modules(model: nn.Module) -> Iterator[tuple[str, BinaryLayer]]:
     """Yield ``(name, module)`` for every binary layer of ``model``."""
     for name, m in model.named_modules():
@@ -467,9 +477,10 @@ def named_binary_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramete
     """
     seen: set[int] = set()
     for name, m in binary_modules(model):
-        if m.has_binary_weight and id(m.weight) not in seen:
-            seen.add(id(m.weight))
-            yield (f"{name}.weight" if name else "weight"), m.weight
+        w = _weight_parameter(m)
+        if m.has_binary_weight and id(w) not in seen:
+            seen.add(id(w))
+            yield (f"{name}.weight" if name else "weight"), w
 
 
 def binary_parameters(model: nn.Module) -> list[nn.Parameter]:
