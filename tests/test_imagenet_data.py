@@ -81,9 +81,10 @@ def test_eval_batches_are_center_crops_normalised(folder: Path) -> None:
 
 
 def test_training_batches_are_seeded_and_worker_independent(folder: Path) -> None:
-    data = _load(folder)
-    a = data.make_loader("train", 5, train=True, device="cpu", seed=3, num_workers=0)
+    a = _load(folder, num_workers=0).make_loader("train", 5, train=True, device="cpu", seed=3)
+    data = _load(folder, num_workers=None)
     b = data.make_loader("train", 5, train=True, device="cpu", seed=3, num_workers=2)
+    assert (a.num_workers, b.num_workers) == (0, 2)
     a.set_epoch(1), b.set_epoch(1)
     xa, ya = zip(*a)
     xb, yb = zip(*b)

@@ -252,12 +252,15 @@ class ImageFolderData:
 
         ``train`` shuffles (seeded by ``seed`` and the epoch, :meth:`ImageFolderLoader.set_epoch`)
         and applies the training augmentation when ``augment`` is true; otherwise files come in
-        order with the evaluation transform. ``num_workers`` decoding processes (default: the data
-        set's ``num_workers`` option, else ``min(8, CPUs - 1)``). Options of the in-memory loaders
+        order with the evaluation transform. Decoding processes: the data set's ``num_workers``
+        option when set (0 decodes in the training process), else ``num_workers`` when positive,
+        else ``min(8, CPUs - 1)``. Options of the in-memory loaders
         (``pad``, ``resident``, ...) do not apply and are ignored.
         """
         files, labels = self.files(split)
-        workers = num_workers if num_workers is not None else self.num_workers
+        # The data set's own option (data.options.num_workers in a recipe) is what the user set and
+        # wins; flipnet.data.make_loader passes its generic default 0, which means "not set" here.
+        workers = self.num_workers if self.num_workers is not None else (num_workers or None)
         if workers is None:
             workers = max(0, min(8, (os.cpu_count() or 1) - 1))
         transform = train_transform(self.image_size, self.crop_scale) if (train and augment) else eval_transform(self.image_size)
