@@ -87,7 +87,7 @@ def _rows_without_time(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("resume")
-    trainer = Trainer(_config(root, "straight"))
+    trainer = Trainer.from_config(_config(root, "straight"))
     trainer.fit()
     return trainer.run_dir, trainer.state_dict()
 
@@ -120,7 +120,7 @@ def test_resume_after_ctrl_c_at_epoch_end_is_bitwise_equal(
 ) -> None:
     config = _config(tmp_path, "interrupted")
     with pytest.raises(KeyboardInterrupt):
-        Trainer(config, [SigintAfterEpoch(1)]).fit()
+        Trainer.from_config(config, [SigintAfterEpoch(1)]).fit()
     out = capsys.readouterr()
     run = tmp_path / "interrupted"
     assert f"flipnet train --resume {run}" in out.out
@@ -128,7 +128,7 @@ def test_resume_after_ctrl_c_at_epoch_end_is_bitwise_equal(
     assert (saved["epoch"], saved["batch_in_epoch"]) == (1, 0)
     assert len(read_metrics(run)) == 1
 
-    resumed = Trainer(load_config(run / "config.yaml"), resume=run)
+    resumed = Trainer.from_config(load_config(run / "config.yaml"), resume=run)
     assert (resumed.epoch, resumed.step) == (1, saved["step"])
     resumed.fit()
     _check_equal_to_uninterrupted(resumed, uninterrupted)
@@ -136,14 +136,14 @@ def test_resume_after_ctrl_c_at_epoch_end_is_bitwise_equal(
 
 def test_resume_after_interrupt_mid_epoch_is_bitwise_equal(tmp_path: Path, uninterrupted: tuple[Path, dict]) -> None:
     run = tmp_path / "mid"
-    first = Trainer(_config(tmp_path, "mid"), [InterruptAtStep(9)])  # 6 steps per epoch: epoch 2, batch 3
+    first = Trainer.from_config(_config(tmp_path, "mid"), [InterruptAtStep(9)])  # 6 steps per epoch: epoch 2, batch 3
     with pytest.raises(KeyboardInterrupt):
         first.fit()
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (saved["epoch"], saved["step"], saved["batch_in_epoch"]) == (1, 9, 3)
     assert "partial" in saved
 
-    resumed = Trainer(load_config(run / "config.yaml"), resume=run / "checkpoints" / "last.pt")
+    resumed = Trainer.from_config(load_config(run / "config.yaml"), resume=run / "checkpoints" / "last.pt")
     assert resumed.run_dir == run
     resumed.fit()
     _check_equal_to_uninterrupted(resumed, uninterrupted, partial_epoch=2)
@@ -151,7 +151,7 @@ def test_resume_after_interrupt_mid_epoch_is_bitwise_equal(tmp_path: Path, unint
 
 def test_resume_of_a_finished_run_does_nothing(uninterrupted: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:
     run, state = uninterrupted
-    trainer = Trainer(load_config(run / "config.yaml"), resume=run)
+    trainer = Trainer.from_config(load_config(run / "config.yaml"), resume=run)
     rows = read_metrics(run)
     assert trainer.fit() == rows[-1]
     assert "nothing to do" in capsys.readouterr().out
@@ -167,7 +167,7 @@ def test_checkpoint_format_and_safe_load(uninterrupted: tuple[Path, dict]) -> No
     assert ckpt["meta"]["num_classes"] == 10 and ckpt["meta"]["input_shape"] == [1, 8, 8]
     assert ckpt["config"]["name"] == "digits_bop"
     best = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert best["best"] == max(r["test_acc"] for r in read_metrics(run))
+    assert best["best"] == max(r["val_acc"] for r in read_metrics(run))  # chosen on validation, never on test
 
 
 def test_load_run_rebuilds_the_model(uninterrupted: tuple[Path, dict]) -> None:
@@ -232,7 +232,7 @@ def test_resume_from_a_corrupt_last_checkpoint_fails_clearly(tmp_path: Path, uni
     (copy / "config.yaml").write_bytes((run / "config.yaml").read_bytes())
     (copy / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(CheckpointError, match="corrupt"):
-        Trainer(load_config(copy / "config.yaml"), resume=copy)
+        Trainer.from_config(load_config(copy / "config.yaml"), resume=copy)
 
 
 def test_missing_checkpoints(tmp_path: Path) -> None:
@@ -294,7 +294,7 @@ class _OnDevice:
 
 
 def test_rng_state_restores_from_a_checkpoint_loaded_onto_the_device() -> None:
-    # Trainer(resume=...) loads the checkpoint with map_location=its device, so on CUDA the saved
+    # Trainer.from_config(resume=...) loads the checkpoint with map_location=its device, so on CUDA the saved
     # RNG tensors arrive there; restoring them must not fail with "RNG state is malformed".
     np.random.seed(4)
     state = get_rng_state()

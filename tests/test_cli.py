@@ -55,8 +55,12 @@ def test_train_resume_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert "epoch 1/1" in out and "done: 1 epochs" in out
     assert read_metrics(run)[-1]["epoch"] == 1
 
-    # extend the finished run by one epoch
-    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0
+    # extending the finished run changes its trajectory: refused unless --force, config.yaml untouched
+    before = (run / "config.yaml").read_bytes()
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 2
+    assert "would change train.epochs" in capsys.readouterr().err and (run / "config.yaml").read_bytes() == before
+    assert main(["train", "--resume", str(run), "--force", "train.epochs=2"]) == 0
+    assert "epochs: 2" in (run / "config.yaml").read_text()
     assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
     capsys.readouterr()
@@ -124,13 +128,18 @@ def test_several_seeds_dispatch_to_train_seeds(tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "seed 0: test accuracy" in out and "seed 1: test accuracy" in out
     assert (tmp_path / "multi" / "summary.json").is_file()
-    # the parent folder is not a run: eval, plot and --resume name the seed runs inside it
-    for argv in (["eval", str(tmp_path / "multi")], ["plot", str(tmp_path / "multi")],
-                 ["train", "--resume", str(tmp_path / "multi")]):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert f"It holds 2 run folders; give those instead: {tmp_path / 'multi' / 'seed_0'}, " in err, err
-        assert err.count("\n") == 1
+    # the group folder is not a run: eval names the seed runs inside it
+    assert main(["eval", str(tmp_path / "multi")]) == 2
+    err = capsys.readouterr().err
+    assert f"It holds 2 run folders; give those instead: {tmp_path / 'multi' / 'seed_0'}, " in err, err
+    assert err.count("\n") == 1
+    # ... but the group resumes as a whole, like a single run
+    assert main(["train", "--resume", str(tmp_path / "multi")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "multi"), "--force", "train.epochs=2"]) == 0
+    for seed in (0, 1):
+        assert [r["epoch"] for r in read_metrics(tmp_path / "multi" / f"seed_{seed}")] == [1, 2]
+        assert load_checkpoint(tmp_path / "multi" / f"seed_{seed}" / "checkpoints" / "last.pt")["config"]["seed"] == seed
 
 
 def test_a_single_seed_in_seeds_is_the_seed(tmp_path: Path) -> None:
@@ -178,7 +187,8 @@ def test_ctrl_c_in_a_subprocess_saves_and_says_how_to_resume(tmp_path: Path) -> 
     assert f"flipnet train --resume {tmp_path / 'int'}" in out
     assert "Traceback" not in err
     saved = load_checkpoint(last)
-    assert saved["epoch"] >= 1 and saved["step"] == saved["epoch"] * 7 + saved["batch_in_epoch"]
+    per_epoch = read_metrics(tmp_path / "int")[0]["step"]
+    assert saved["epoch"] >= 1 and saved["step"] == saved["epoch"] * per_epoch + saved["batch_in_epoch"]
 
 
 def test_a_closed_output_pipe_is_not_a_traceback() -> None:

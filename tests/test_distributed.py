@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
         "train.tensorboard=false", "train.plots=false", "train.nan_check_every=3",
         f"output.dir={out}/runs",
     ])
-    Trainer(config, [Dump()]).fit()
+    Trainer.from_config(config, [Dump()]).fit()
     # No cleanup_distributed() here on purpose: a user script that never calls it must still exit
     # cleanly (flipnet destroys the process group at exit; without that, a rank could SIGABRT).
     """

@@ -14,7 +14,7 @@ from torch import nn
 
 from flipnet.errors import ConfigError
 from flipnet.models import create_model
-from flipnet.optim import create_optimizer
+from flipnet.optim import create_optimizer, prepare_model_for
 from flipnet.train.checkpoint import load_checkpoint
 from flipnet.train.config import load_config
 from flipnet.train.multi import (
@@ -101,8 +101,8 @@ def test_seed_optimizer_steps_like_separate_optimizers():
     models = _binarynets(2)
     refs = [copy.deepcopy(m) for m in models]
     ens = SeedEnsemble(models)
-    opts = [create_optimizer(m, "bop", {"gamma": 1e-2, "threshold": 1e-5}, "adam", {"lr": 1e-2}) for m in models]
-    ref_opts = [create_optimizer(m, "bop", {"gamma": 1e-2, "threshold": 1e-5}, "adam", {"lr": 1e-2}) for m in refs]
+    opts = [create_optimizer(prepare_model_for(m, "bop"), "bop", {"gamma": 1e-2, "threshold": 1e-5}, "adam", {"lr": 1e-2}) for m in models]
+    ref_opts = [create_optimizer(prepare_model_for(m, "bop"), "bop", {"gamma": 1e-2, "threshold": 1e-5}, "adam", {"lr": 1e-2}) for m in refs]
     ens.sync_modes()
     sopt = SeedOptimizer(ens, opts)
     g = torch.Generator().manual_seed(0)
@@ -166,7 +166,7 @@ def test_group_folder_files_and_summary(tmp_path):
         assert (group / label / "checkpoints" / "last.pt").is_file()
         assert (group / label / "metrics.csv").is_file()
     # a member folder is a normal run folder
-    from flipnet.train.loop import load_run
+    from flipnet.train.build import load_run
 
     config, model = load_run(group / "seed_4", "last")
     assert config.seed == 4 and config.seeds is None

@@ -57,7 +57,7 @@ class Recorder(Callback):
 
 def test_fit_writes_a_complete_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rec = Recorder()
-    trainer = Trainer(tiny(tmp_path, "train.plots=true", "train.epochs=3"), [rec])
+    trainer = Trainer.from_config(tiny(tmp_path, "train.plots=true", "train.epochs=3"), [rec])
     last = trainer.fit()
     run = tmp_path / "run"
     assert trainer.run_dir == run and trainer.is_main and trainer.device.type == "cpu"
@@ -90,14 +90,21 @@ def test_fit_writes_a_complete_run_folder(tmp_path: Path, capsys: pytest.Capture
     assert not any(k.startswith("flip_ratio/") for k in table[0])
     assert float(table[2]["test_acc"]) == rows[2]["test_acc"]
 
+    # best.pt is chosen on the validation split (never on test); the test accuracy at that epoch is reported
     best = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert best["best"] == max(r["test_acc"] for r in rows)
+    best_row = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
+    assert best["best"] == best_row["val_acc"] and best["epoch"] == best["best_epoch"] == best_row["epoch"]
+    assert rows[-1]["test_acc_at_best"] == best_row["test_acc"] and rows[-1]["best_epoch"] == best_row["epoch"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_acc"] == rows[-1]["test_acc"] and summary["test_acc_at_best"] == best_row["test_acc"]
+    assert summary["threads"] == trainer.threads == 1
     out = capsys.readouterr().out
     assert out.count("epoch ") >= 3 and "done: 3 epochs" in out and str(run) in out
+    assert f"test accuracy {rows[-1]['test_acc']:.4f} at the last epoch, {best_row['test_acc']:.4f} at the best validation epoch" in out
 
 
 def test_eval_every_skips_evaluations_but_not_the_last(tmp_path: Path) -> None:
-    trainer = Trainer(tiny(tmp_path, "train.epochs=3", "train.eval_every=2"))
+    trainer = Trainer.from_config(tiny(tmp_path, "train.epochs=3", "train.eval_every=2"))
     trainer.fit()
     rows = read_metrics(trainer.run_dir)
     assert [r["test_acc"] is None for r in rows] == [True, False, False]
@@ -112,7 +119,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsy
                         p.fill_(float("nan"))
 
     config = tiny(tmp_path, "train.epochs=4", "train.nan_check_every=2", "train.plots=true")
-    trainer = Trainer(config, [PoisonInEpoch2()])
+    trainer = Trainer.from_config(config, [PoisonInEpoch2()])
     with pytest.raises(TrainingDiverged) as info:
         trainer.fit()
     message = str(info.value)
@@ -133,18 +140,18 @@ def test_nan_check_once_per_epoch(tmp_path: Path) -> None:
                 with torch.no_grad():
                     real_parameters(trainer.model)[-1].fill_(float("inf"))  # the logits' BatchNorm shift
 
-    trainer = Trainer(tiny(tmp_path, "train.nan_check_every=0"), [PoisonAtStep5()])
+    trainer = Trainer.from_config(tiny(tmp_path, "train.nan_check_every=0"), [PoisonAtStep5()])
     with pytest.raises(TrainingDiverged, match=r"in epoch 1 \(by step 8\)"):
         trainer.fit()
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
 def test_init_from_loads_weights_only(tmp_path: Path) -> None:
-    first = Trainer(tiny(tmp_path, "train.epochs=1", name="first"))
+    first = Trainer.from_config(tiny(tmp_path, "train.epochs=1", name="first"))
     first.fit()
     source = load_checkpoint(tmp_path / "first" / "checkpoints" / "best.pt")["model"]
     rec = Recorder()
-    second = Trainer(tiny(tmp_path, "train.epochs=1", f"model.init_from={tmp_path / 'first'}", name="second"), [rec])
+    second = Trainer.from_config(tiny(tmp_path, "train.epochs=1", f"model.init_from={tmp_path / 'first'}", name="second"), [rec])
     second.fit()
     for k, v in source.items():
         if isinstance(v, torch.Tensor):
@@ -153,20 +160,20 @@ def test_init_from_loads_weights_only(tmp_path: Path) -> None:
     assert second.step == 8
     # a Bop run (flip-mode ±1 weights) initialises a latent-weight Adam run
     rec_adam = Recorder()
-    adam = Trainer(tiny(tmp_path, "train.epochs=1", f"model.init_from={tmp_path / 'first'}", name="adam",
+    adam = Trainer.from_config(tiny(tmp_path, "train.epochs=1", f"model.init_from={tmp_path / 'first'}", name="adam",
                         recipe="digits_adam"), [rec_adam])
     assert all(m.weight_mode == "latent" for _, m in binary_modules(adam.model))
     adam.fit()
     assert torch.equal(rec_adam.initial["fc1.weight"], source["fc1.weight"])
     with pytest.raises(ConfigError, match="model.init_from"):
-        Trainer(tiny(tmp_path, f"model.init_from={tmp_path / 'missing'}", name="third"))
+        Trainer.from_config(tiny(tmp_path, f"model.init_from={tmp_path / 'missing'}", name="third"))
     with pytest.raises(ConfigError, match="do not fit"):
-        Trainer(tiny(tmp_path, "model.kwargs.hidden_sizes=[16]", f"model.init_from={tmp_path / 'first'}", name="fourth"))
+        Trainer.from_config(tiny(tmp_path, "model.kwargs.hidden_sizes=[16]", f"model.init_from={tmp_path / 'first'}", name="fourth"))
 
 
 def test_optim_binary_none_freezes_binary_weights(tmp_path: Path) -> None:
     rec = Recorder()
-    trainer = Trainer(tiny(tmp_path, "optim.binary=none", "optim.binary_kwargs={}"), [rec])
+    trainer = Trainer.from_config(tiny(tmp_path, "optim.binary=none", "optim.binary_kwargs={}"), [rec])
     trainer.fit()
     names = {n for n, p in trainer.model.named_parameters() if any(p is b for b in binary_parameters(trainer.model))}
     assert names
@@ -179,7 +186,7 @@ def test_optim_binary_none_freezes_binary_weights(tmp_path: Path) -> None:
 
 
 def test_latent_adam_recipe_trains(tmp_path: Path) -> None:
-    trainer = Trainer(tiny(tmp_path, recipe="digits_adam"))
+    trainer = Trainer.from_config(tiny(tmp_path, recipe="digits_adam"))
     last = trainer.fit()
     assert last["binary/lr"] > 0 and last["real/lr"] > 0
     assert 0.0 <= last["flip_ratio"] < 1.0  # sign changes of the latent weights
@@ -193,14 +200,14 @@ def test_cifar_smoke_recipe_builds_and_steps_on_synthetic_images(tmp_path: Path)
          "train.epochs=1", "train.progress=false", "train.tensorboard=false", "train.plots=false",
          f"output.dir={tmp_path}", "output.name=smoke"],
     )
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     assert trainer.steps_per_epoch == 2
     row = trainer.fit()
     assert row["step"] == 2 and row["test_acc"] is not None
 
 
 def test_progress_bar_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    Trainer(tiny(tmp_path, "train.progress=true", "train.epochs=1")).fit()
+    Trainer.from_config(tiny(tmp_path, "train.progress=true", "train.epochs=1")).fit()
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "/8 [" in err
 
@@ -208,9 +215,9 @@ def test_progress_bar_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture) 
 def test_tensorboard_events(tmp_path: Path) -> None:
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(ConfigError, match="tensorboard is not installed"):
-            Trainer(tiny(tmp_path, "train.tensorboard=true"))
+            Trainer.from_config(tiny(tmp_path, "train.tensorboard=true"))
         return
-    trainer = Trainer(tiny(tmp_path, "train.tensorboard=auto", "train.epochs=1"))
+    trainer = Trainer.from_config(tiny(tmp_path, "train.tensorboard=auto", "train.epochs=1"))
     trainer.fit()
     assert list((trainer.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -219,43 +226,42 @@ def test_track_signs(tmp_path: Path) -> None:
     config = tiny(tmp_path, "train.track_signs=true", "train.epochs=1")
     if importlib.util.find_spec("flipnet.analysis.flips") is None:
         with pytest.raises(ConfigError, match="track_signs"):
-            Trainer(config)
+            Trainer.from_config(config)
         return
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     assert any(type(cb).__name__ == "SignTracker" for cb in trainer.callbacks)
     trainer.fit()
     assert list((trainer.run_dir / "signs").glob("*.safetensors"))
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path: Path) -> None:
-    Trainer(tiny(tmp_path, "train.epochs=1")).fit()
+    Trainer.from_config(tiny(tmp_path, "train.epochs=1")).fit()
     with pytest.raises(ConfigError, match="already holds a run.*--resume"):
-        Trainer(tiny(tmp_path, "train.epochs=1"))
+        Trainer.from_config(tiny(tmp_path, "train.epochs=1"))
 
 
 def test_named_run_folder_check_is_rank_0_only(tmp_path: Path) -> None:
     # Under torchrun rank 0 writes RUN/metrics.jsonl in its __init__; another rank reaching the
     # "already holds a run" check later must join that folder, not fail.
-    from types import SimpleNamespace
+    from flipnet.train.build import new_run_dir
 
     config = tiny(tmp_path, "train.epochs=1")
     run_dir = Path(config.output.dir) / config.output.name
     run_dir.mkdir(parents=True)
-    (run_dir / "metrics.jsonl").write_text("")
-    other_rank = SimpleNamespace(config=config, is_main=False, dist=SimpleNamespace(enabled=True))
-    assert Trainer._new_run_dir(other_rank) == run_dir  # type: ignore[arg-type]
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    assert new_run_dir(config.output, config.name, is_main=False) == run_dir
     with pytest.raises(ConfigError, match="already holds a run"):
-        Trainer._new_run_dir(SimpleNamespace(config=config, is_main=True, dist=SimpleNamespace(enabled=True)))  # type: ignore[arg-type]
+        new_run_dir(config.output, config.name, is_main=True)
 
 
 def test_unnamed_runs_get_unique_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flipnet.train.loop as loop
+    import flipnet.train.build as build
 
-    monkeypatch.setattr(loop.time, "strftime", lambda fmt: "20300101-120000")  # both in "the same second"
+    monkeypatch.setattr(build.time, "strftime", lambda fmt: "20300101-120000")  # both in "the same second"
     config = tiny(tmp_path, "output.name=null", "train.epochs=1")
-    a = Trainer(config)
+    a = Trainer.from_config(config)
     a.fit()
-    b = Trainer(config)
+    b = Trainer.from_config(config)
     b.fit()
     assert a.run_dir == tmp_path / "digits_bop-20300101-120000"
     assert b.run_dir == tmp_path / "digits_bop-20300101-120000-1"
@@ -279,18 +285,18 @@ def test_bad_recipes_fail_before_training(tmp_path: Path, override: str, piece: 
     if override == "train.device=cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(ConfigError, match=piece.replace("[", r"\[").replace("]", r"\]")):
-        Trainer(tiny(tmp_path, override))
+        Trainer.from_config(tiny(tmp_path, override))
 
 
 def test_trainer_rejects_a_raw_dict(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="load_config"):
-        Trainer({"name": "x"})  # type: ignore[arg-type]
+        Trainer.from_config({"name": "x"})  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_default_recipe_reaches_90_percent(tmp_path: Path, seed: int) -> None:
-    trainer = Trainer(load_config(None, [f"seed={seed}", f"output.dir={tmp_path}", "train.progress=false"]))
+    trainer = Trainer.from_config(load_config(None, [f"seed={seed}", f"output.dir={tmp_path}", "train.progress=false"]))
     last = trainer.fit()
     assert last["test_acc"] >= 0.90
     assert json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == trainer.config.train.epochs
@@ -301,7 +307,7 @@ def test_cifar_smoke_recipe_on_real_cifar10(tmp_path: Path) -> None:
     root = Path("/work/shared/data/cifar10")
     if not root.is_dir():
         pytest.skip("no CIFAR-10 offline folder here")
-    trainer = Trainer(load_config("cifar10_binarynet_smoke", [f"data.root={root}", f"output.dir={tmp_path}", "train.progress=false"]))
+    trainer = Trainer.from_config(load_config("cifar10_binarynet_smoke", [f"data.root={root}", f"output.dir={tmp_path}", "train.progress=false"]))
     last = trainer.fit()
     assert last["step"] == 200 and last["test_acc"] > 0.2
 
@@ -309,10 +315,10 @@ def test_cifar_smoke_recipe_on_real_cifar10(tmp_path: Path) -> None:
 def test_recipe_model_is_the_trained_model_without_loading_data(tmp_path: Path) -> None:
     """`recipe_model` (for `flipnet summary RECIPE`) builds what Trainer builds, from dataset_shape."""
     from flipnet.data import dataset_shape, load_dataset
-    from flipnet.train import recipe_model
+    from flipnet.train.build import recipe_model
 
     config = tiny(tmp_path)
-    trained = Trainer(config).model
+    trained = Trainer.from_config(config).model
     built = recipe_model(config)
     def shapes(m: torch.nn.Module) -> dict[str, Any]:
         return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in m.state_dict().items()}

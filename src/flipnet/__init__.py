@@ -5,40 +5,32 @@ The key public API is available from the top-level package::
     import flipnet
 
     model = flipnet.create_model("binarynet", num_classes=10, in_channels=3)
+    flipnet.optim.prepare_model_for(model, "bop")  # flip mode: the binary weights become ±1
     opt = flipnet.create_optimizer(model, "bop", {"gamma": 1e-4, "threshold": 1e-8}, "adam", {"lr": 1e-2})
-    metrics = flipnet.Trainer(flipnet.load_config("digits_bop", ["train.epochs=5"])).fit()
+    metrics = flipnet.Trainer.from_config(flipnet.load_config("digits_bop", ["train.epochs=5"])).fit()
 
-Layers and quantizers are imported with the package; every other name below is imported on first
-use (PEP 562), so ``import flipnet`` costs no more than importing torch.
+Every name but the errors and ``__version__`` is imported on first use (PEP 562, see
+:mod:`flipnet._lazy`), so ``import flipnet`` imports no torch and ``flipnet --help`` starts at once.
+Submodules (``flipnet.quantizers``, ``flipnet.layers``, ``flipnet.train``, ...) import as usual.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import quantizers
+from ._lazy import lazy_names
+from ._version import __version__
 from .errors import ConfigError, FlipnetError
-from .layers import (
-    BinaryConv1d,
-    BinaryConv2d,
-    BinaryLayer,
-    BinaryLinear,
-    apply_constraints,
-    binary_modules,
-    binary_parameters,
-    named_binary_parameters,
-    named_real_parameters,
-    real_parameters,
-    set_weight_mode,
-)
-
-__version__ = "0.1.0"
 
 #: Public name -> module that defines it, imported on first attribute access.
 _LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        ("BinaryConv1d", "BinaryConv2d", "BinaryLayer", "BinaryLinear", "apply_constraints", "binary_modules",
+         "binary_parameters", "named_binary_parameters", "named_real_parameters", "real_parameters", "set_weight_mode"),
+        "flipnet.layers",
+    ),
     "binarize": "flipnet.convert",
-    "summary": "flipnet.compress.summary",
+    "summary": "flipnet.compress",
     "Bop": "flipnet.optim",
     "Bop2ndOrder": "flipnet.optim",
     "CEMA": "flipnet.optim",
@@ -52,43 +44,27 @@ _LAZY: dict[str, str] = {
     "load_config": "flipnet.train",
 }
 
-__all__ = [
-    "__version__",
-    "quantizers",
-    "ConfigError",
-    "FlipnetError",
-    "BinaryConv1d",
-    "BinaryConv2d",
-    "BinaryLayer",
-    "BinaryLinear",
-    "apply_constraints",
-    "binary_modules",
-    "binary_parameters",
-    "named_binary_parameters",
-    "named_real_parameters",
-    "real_parameters",
-    "set_weight_mode",
-    *_LAZY,
-]
+__all__ = ["__version__", "ConfigError", "FlipnetError", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'flipnet' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
 
 if TYPE_CHECKING:  # pragma: no cover  (static type checkers and IDEs see the lazy names)
-    from .compress.summary import summary
+    from .compress import summary
     from .convert import binarize
     from .data import list_datasets, load_dataset
+    from .layers import (
+        BinaryConv1d,
+        BinaryConv2d,
+        BinaryLayer,
+        BinaryLinear,
+        apply_constraints,
+        binary_modules,
+        binary_parameters,
+        named_binary_parameters,
+        named_real_parameters,
+        real_parameters,
+        set_weight_mode,
+    )
     from .metrics import FlipRatio
     from .models import create_model, list_models
     from .optim import CEMA, Bop, Bop2ndOrder, create_optimizer

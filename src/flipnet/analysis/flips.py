@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..train.loop import Callback
+from ..train.callbacks import Callback
 
 __all__ = [
     "SIGNS_DIR",

@@ -1,67 +1,65 @@
-"""The trainer: builds data, model, optimizer and schedules from a :class:`~flipnet.train.config.Config`,
-trains, evaluates, logs, checkpoints and resumes.
+"""The trainer: one loop over S >= 1 *members*, each a complete run.
 
-One optimisation step is :func:`flipnet.train.fast.make_train_step` (eager, ``torch.compile`` or
-CUDA graphs), so the plain loop and the GPU fast path share one code path. The loop itself never
-reads a value back to the host per step: losses and correct counts are accumulated on the device
-and read every ``train.nan_check_every`` steps and at the end of each epoch.
+A member (:class:`Member`) is one run: its recipe, model, optimizer, schedules, logs, best epoch and
+run folder. With one member the step is the model's own (:func:`flipnet.train.fast.make_train_step`,
+under DDP when launched by ``torchrun``); with several (``seeds=[0, 1, 2]``, sweeps) the members are
+trained as one wide network (:class:`flipnet.train.ensemble.SeedEnsemble`), and everything else --
+callbacks, resume, progress, divergence checks, plots, Ctrl-C -- is the same code.
+
+Assembly lives in :mod:`flipnet.train.build`; this module runs the loop. Per epoch::
+
+    for each batch:  step (forward, backward, optimizer); step schedules; callbacks
+                     every train.nan_check_every steps: one divergence check (one host sync)
+    end of epoch:    divergence check; epoch schedules; evaluate (validation, test);
+                     per member: callbacks, choose best on validation, log, checkpoint
+
+Nothing is read back to the host per step: losses and correct counts are summed on the device.
 
 Example:
     >>> from flipnet.train import Trainer, load_config
-    >>> trainer = Trainer(load_config("digits_bop", ["train.epochs=2"]))
+    >>> trainer = Trainer.from_config(load_config("digits_bop", ["train.epochs=2"]))
     >>> metrics = trainer.fit()
     >>> metrics["test_acc"]
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import copy
 import math
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flipnet.errors import CheckpointError, ConfigError, DataNotFoundError, FlipnetError, TrainingDiverged
+from flipnet.errors import CheckpointError, ConfigError, FlipnetError, TrainingDiverged
+from flipnet.metrics import FlipRatio
 from flipnet.utils import atomic_write_text, seed_everything
 
+from . import build
+from .callbacks import Callback, MetricsLogger, ProgressBar, TensorBoardLogger, write_group_files, write_summary
 from .checkpoint import get_rng_state, load_checkpoint, resolve_checkpoint, save_checkpoint, set_rng_state
-from .config import Config, config_to_dict, dump_config, load_config
-from .distributed import (
-    DistInfo,
-    all_reduce_sum,
-    barrier,
-    broadcast_buffers,
-    init_distributed,
-)
+from .config import Config, config_to_dict, dump_config
+from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed
+from .ensemble import NotVectorizable, SeedEnsemble, SeedOptimizer, ensemble_loss, ensemble_metrics, evaluate_ensemble
+from .fast import make_train_step, prepare_model
 
-__all__ = [
-    "Callback",
-    "Trainer",
-    "TrainingDiverged",
-    "MetricsLogger",
-    "evaluate",
-    "load_run",
-    "build_model",
-    "recipe_model",
-    "load_data",
-    "resolve_device",
-]
+__all__ = ["Trainer", "Member", "evaluate", "hyperparameter_values"]
 
 #: Param-group keys logged each epoch (per route) when present: learning rate, Bop's γ and τ,
 #: CEMA's σ/α, momentum. Keys that have a schedule in the recipe are logged too.
 HYPERPARAM_KEYS = ("lr", "gamma", "threshold", "tau", "sigma", "alpha", "beta", "momentum")
+
+
+class _StopRequested(Exception):
+    """Internal: Ctrl-C / SIGTERM (or a rank's request under DDP) asks the loop to stop after a step."""
 
 
 def hyperparameter_values(optimizer: Any, scheduled: Iterable[tuple[str | None, str]] = ()) -> dict[str, float]:
@@ -78,8 +76,7 @@ def hyperparameter_values(optimizer: Any, scheduled: Iterable[tuple[str | None, 
         route = g.get("route", "all")
         leaf = routes.get(route) if isinstance(routes, dict) else None
         declared = getattr(leaf, "hyperparameters", None)
-        keys = set(declared) if declared else set(HYPERPARAM_KEYS)
-        keys |= {k for r, k in scheduled if r in (None, route)}
+        keys = (set(declared) if declared else set(HYPERPARAM_KEYS)) | {k for r, k in scheduled if r in (None, route)}
         for k in sorted(keys):
             name = f"{route}/{k}"
             if k in g and name not in out:
@@ -91,149 +88,15 @@ def hyperparameter_values(optimizer: Any, scheduled: Iterable[tuple[str | None, 
     return out
 
 
-class Callback:
-    """Hooks into :class:`Trainer`. Override the ones you need; each receives the trainer.
-
-    The trainer attributes a callback may read: ``model`` (unwrapped), ``optimizer``,
-    ``config``, ``run_dir``, ``epoch`` (epochs completed), ``step`` (optimizer steps taken),
-    ``device``, ``is_main`` (rank 0: the process that may write files).
-    """
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        """Called once, after everything is built (and restored, when resuming)."""
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        """Called after every optimizer step. Keep it cheap: no host synchronisation."""
-
-    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        """Called after each epoch's evaluation, before logging; keys added to ``metrics`` are logged."""
-
-    def on_train_end(self, trainer: Trainer) -> None:
-        """Called once when training stops: finished, interrupted (Ctrl-C) or diverged."""
-
-
-# ---------------------------------------------------------------------------------------------
-# building blocks shared with `flipnet eval` and `load_run`
-
-
-def resolve_device(device: str, option: str = "train.device=") -> torch.device:
-    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda*`` without CUDA → ConfigError.
-
-    ``option`` names the setting in error messages (``"train.device="``, or ``"--device "`` for
-    ``flipnet eval``).
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not (device in ("cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ConfigError(f"{option}{device} is not a device; use auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{option}{device} but CUDA is not available here; use {option}cpu or {option}auto")
-    return torch.device(device)
-
-
-def _loader_options(name: str) -> set[str] | None:
-    """Keyword options the data set's reader takes (``None`` for an unknown data set)."""
-    from flipnet.data import dataset_options
-
-    try:
-        return set(dataset_options(name))
-    except ConfigError:  # unknown name: load_dataset reports it with the list of names
-        return None
-
-
-def load_data(config: Config) -> Any:
-    """Load ``config.data`` with :func:`flipnet.data.load_dataset` and apply ``subset``/``test_subset``.
-
-    Readers that take ``subset``/``test_subset`` themselves get them (CIFAR-10 then decodes only
-    those images); for the others the loaded bundle is cut.
-    """
-    from flipnet.data import load_dataset
-
-    d = config.data
-    options = dict(d.options)
-    accepted = _loader_options(d.name) or set()
-    for key in ("subset", "test_subset"):
-        value = getattr(d, key)
-        if value is not None and key in accepted:
-            if key in options and options[key] != value:
-                raise ConfigError(f"data.{key}={value} and data.options.{key}={options[key]} disagree; set only data.{key}")
-            options[key] = value
-    try:
-        bundle = load_dataset(d.name, root=d.root, **options)
-    except DataNotFoundError as e:
-        # The reader speaks Python (root=..., download=True); say it in recipe terms too.
-        raise DataNotFoundError(
-            f"{e} In a recipe or override these are data.root=DIR and data.options.download=true "
-            "(flipnet eval: --data.root DIR)."
-        ) from None
-    if d.subset is not None or d.test_subset is not None:
-        bundle = bundle.subset(d.subset, d.test_subset)
-    return bundle
-
-
-def build_model(config: Config, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
-    """``flipnet.models.create_model(config.model.name, num_classes=..., in_channels=..., **kwargs)``.
-
-    The data set fixes ``num_classes`` and ``in_channels``; a model with an ``input_size`` option
-    (``binary_mlp``, ``binarynet``, ``unet``) gets the data's height and width unless
-    ``model.kwargs`` sets it.
-    """
-    from flipnet.models import create_model, model_options
-
-    kwargs = dict(config.model.kwargs)
-    for fixed in ("num_classes", "in_channels"):
-        if fixed in kwargs:
-            raise ConfigError(f"model.kwargs.{fixed} is set by the data set ({config.data.name}); remove it from the recipe")
-    kwargs["num_classes"] = int(num_classes)
-    kwargs["in_channels"] = int(input_shape[0])
-    if "input_size" in model_options(config.model.name) and "input_size" not in kwargs:
-        h, w = int(input_shape[1]), int(input_shape[2])
-        kwargs["input_size"] = h if h == w else [h, w]
-    return create_model(config.model.name, **kwargs)
-
-
-def recipe_model(config: Config) -> nn.Module:
-    """The model ``config`` trains, built without loading its data set (e.g. for ``flipnet summary``).
-
-    The image shape and class count come from :func:`flipnet.data.dataset_shape`; the model is
-    the one :class:`Trainer` builds, freshly initialised (``model.init_from`` is not applied).
-
-    Raises:
-        ConfigError: the data set does not declare its shape without being loaded.
-    """
-    from flipnet.data import dataset_shape
-
-    shape = dataset_shape(config.data.name, **config.data.options)
-    if shape is None:
-        raise ConfigError(f"data set {config.data.name!r} does not say its image shape without being loaded")
-    input_shape, num_classes = shape
-    return build_model(config, num_classes, input_shape)
-
-
-def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if amp else None
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable[tuple[Tensor, Tensor]],
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    max_samples: int | None = None,
-) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+             amp_dtype: torch.dtype | None = None, max_samples: int | None = None) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` over ``loader`` (summed over DDP ranks).
 
     Args:
         max_samples: use only the first ``max_samples`` samples this rank's loader yields. Under
             DDP a loader pads the last batches by wrapping around so that every rank gets as many
-            samples; with each rank's true share here, every test sample counts exactly once.
+            samples; with each rank's true share here, every sample counts exactly once.
 
     Returns ``{"loss": float, "acc": float, "n": int}``; accuracy counts pixels for segmentation.
     One host synchronisation at the end.
@@ -248,719 +111,727 @@ def evaluate(
                 if n_samples >= max_samples:
                     break
                 x, y = x[: max_samples - n_samples], y[: max_samples - n_samples]
-            with _autocast(device, amp_dtype):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = model(x)
                 loss = F.cross_entropy(out.float(), y, reduction="sum")
             if y.dim() > 1:  # dense targets: mean loss per pixel, times the number of images
                 loss = loss / (y.numel() / y.shape[0])
-            sums[0] += loss.double()
-            sums[1] += (out.argmax(dim=1) == y).sum()
-            sums[2] += y.numel()
+            sums += torch.stack([loss.double(), (out.argmax(dim=1) == y).sum().double(), torch.tensor(float(y.numel()), device=device, dtype=torch.float64)])
             n_samples += y.shape[0]
     finally:
         model.train(was_training)
-    counts = torch.tensor([float(n_samples)], device=device, dtype=torch.float64)
-    both = all_reduce_sum(torch.cat([sums, counts]))
+    both = all_reduce_sum(torch.cat([sums, torch.tensor([float(n_samples)], device=device, dtype=torch.float64)]))
     loss_sum, correct, targets, samples = both.tolist()
     if samples == 0:
-        raise ConfigError("the test set is empty; check data.test_subset")
+        raise ConfigError("the evaluation set is empty; check data.test_subset / data.val_size")
     return {"loss": loss_sum / samples, "acc": correct / targets, "n": int(samples)}
 
 
-def _make_loader(bundle: Any, split: str, batch_size: int, *, train: bool, device: torch.device,
-                 augment: bool, seed: int, dist_info: DistInfo) -> Any:
-    from flipnet.data import make_loader
+@dataclass(eq=False)
+class Member:
+    """One run trained by a :class:`Trainer`: what a separate ``flipnet train`` would own.
 
-    return make_loader(
-        bundle, split, batch_size, train=train, device=device, augment=augment, seed=seed,
-        rank=dist_info.rank, world_size=dist_info.world_size,
-    )
+    ``best``/``best_epoch``: the best validation accuracy and its epoch (without a validation
+    split, ``best.pt`` follows the last evaluated epoch and ``best`` stays ``-inf``);
+    ``test_at_best``: the test accuracy at ``best_epoch``; ``last_row``: the last logged row.
+    """
 
-
-# ---------------------------------------------------------------------------------------------
-# metrics files
-
-
-class MetricsLogger:
-    """Per-epoch rows to ``metrics.jsonl`` (appended, flushed and fsynced per row) and
-    ``metrics.csv`` (rewritten atomically each epoch; per-layer flip ratios only in the JSONL)."""
-
-    def __init__(self, run_dir: Path, keep_until_epoch: int | None = None) -> None:
-        self.run_dir = run_dir
-        self.jsonl = run_dir / "metrics.jsonl"
-        self.csv = run_dir / "metrics.csv"
-        self.rows: list[dict[str, Any]] = []
-        if keep_until_epoch is not None and self.jsonl.is_file():
-            from .plots import read_metrics
-
-            self.rows = [r for r in read_metrics(run_dir) if r["epoch"] <= keep_until_epoch]
-            atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
-            self._write_csv()
-        elif keep_until_epoch is None:
-            atomic_write_text(self.jsonl, "")
-
-    def append(self, row: dict[str, Any]) -> None:
-        """Add one epoch's row to both files."""
-        self.rows.append(row)
-        with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self._write_csv()
-
-    def _write_csv(self) -> None:
-        columns: list[str] = []
-        for r in self.rows:
-            for k in r:
-                if not k.startswith("flip_ratio/") and k not in columns:
-                    columns.append(k)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in self.rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-        atomic_write_text(self.csv, buf.getvalue())
+    config: Config
+    model: nn.Module
+    optimizer: Any
+    schedulers: list[Any] | None = None
+    label: str = "run"
+    run_dir: Path | None = None
+    flip_ratio: FlipRatio | None = None
+    logger: MetricsLogger | None = None
+    tb: TensorBoardLogger | None = None
+    best: float = -math.inf
+    best_epoch: int = 0
+    test_at_best: float | None = None
+    last_row: dict[str, Any] = field(default_factory=dict)
+    time_s: float = 0.0
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-# ---------------------------------------------------------------------------------------------
-# the trainer
+def _expand_seeds(config: Config) -> list[Config]:
+    seeds = config.seeds if config.seeds is not None and len(config.seeds) > 1 else None
+    if seeds is None:
+        if config.seeds:
+            config = copy.deepcopy(config)
+            config.seed, config.seeds = int(config.seeds[0]), None
+        return [config]
+    out = []
+    for sd in seeds:
+        c = copy.deepcopy(config)
+        c.seed, c.seeds = int(sd), None
+        out.append(c)
+    return out
 
 
 class Trainer:
-    """Train a model as a recipe describes.
+    """Train S >= 1 runs (members) with one loop; see the module docs.
+
+    Two ways to build one:
+
+    * ``Trainer.from_config(config, callbacks, resume=RUN, force=False)`` -- or equivalently
+      ``Trainer(config, callbacks=..., resume=...)`` -- builds data, model(s), optimizer(s) and
+      schedules from a recipe (:mod:`flipnet.train.build`); ``seeds=[...]`` gives one member per seed.
+    * ``Trainer(model, optimizer, data, config=None, schedulers=None, callbacks=(), run_dir=None,
+      loss_fn=None)`` trains parts you built: ``data`` is a :class:`flipnet.data.DatasetBundle`,
+      ``config`` supplies the loop settings (``train.*``, ``data.batch_size``, ``seed``, ``output``;
+      default :class:`Config`'s), ``loss_fn(output, target)`` replaces cross-entropy (the hook for an
+      extra loss term, e.g. distillation from a teacher the loss function holds).
 
     Args:
-        config: the validated recipe (:func:`~flipnet.train.config.load_config`).
-        callbacks: :class:`Callback` objects (``train.track_signs`` adds a ``SignTracker``).
-        resume: a run folder (or its ``checkpoints/last.pt``) to continue from; the run folder is
-            reused and training ends with exactly the weights of an uninterrupted run.
+        resume: a run folder (or its ``checkpoints/last.pt``), or a multi-seed group folder, to
+            continue from; training ends with exactly the weights of an uninterrupted run.
+        force: resume even though the recipe changes keys that alter the training trajectory
+            (see :func:`flipnet.train.config.trajectory_changes`); the schedules keep their
+            original horizon, so extra epochs run at the schedules' final values.
 
-    ``__init__`` builds everything (data, model, optimizer, schedules, run folder); :meth:`fit`
-    trains. Under ``torchrun`` the trainer joins the process group and wraps the model in
+    Under ``torchrun`` the trainer joins the process group and wraps the model in
     :class:`~torch.nn.parallel.DistributedDataParallel`; only rank 0 writes files and prints.
     """
 
-    def __init__(
-        self,
-        config: Config,
-        callbacks: Sequence[Callback] = (),
-        *,
-        resume: str | os.PathLike | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module | Config, optimizer: Any = None, data: Any = None, *,
+                 config: Config | None = None, schedulers: Sequence[Any] | None = None,
+                 callbacks: Sequence[Callback] = (), run_dir: str | os.PathLike | None = None,
+                 resume: str | os.PathLike | None = None, force: bool = False,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
+        if isinstance(model, Config):
+            if optimizer is not None or data is not None:
+                raise TypeError("Trainer(config) builds its own model, optimizer and data; give a Config or (model, optimizer, data)")
+            self._from_configs(_expand_seeds(model), callbacks, resume=resume, force=force, group_config=model)
+            return
+        if not isinstance(model, nn.Module) or optimizer is None or data is None:
+            raise TypeError(
+                f"Trainer takes (model, optimizer, data) or a recipe Config from flipnet.train.load_config, got {type(model).__name__}"
+            )
+        config = config if config is not None else Config()
+        self.dist, dist_device = init_distributed(config.train.device)
+        device = dist_device or build.resolve_device(config.train.device)
+        member = Member(config, prepare_model(model, device, config.train.channels_last), optimizer,
+                        None if schedulers is None else list(schedulers))
+        self._setup([member], data, device, callbacks, run_dirs=[Path(run_dir)] if run_dir else None, loss_fn=loss_fn)
+
+    @classmethod
+    def from_config(cls, config: Config, callbacks: Sequence[Callback] = (), *,
+                    resume: str | os.PathLike | None = None, force: bool = False) -> Trainer:
+        """Build a trainer from a recipe (one member per seed of ``config.seeds``)."""
         if not isinstance(config, Config):
             raise TypeError(f"config must be a flipnet.train.Config (see load_config), got {type(config).__name__}")
-        self.config = config
-        self.callbacks: list[Callback] = list(callbacks)
-        t = config.train
+        return cls(config, callbacks=callbacks, resume=resume, force=force)
 
-        # -- process group and device
-        self.dist, dist_device = init_distributed(t.device)
+    @classmethod
+    def from_configs(cls, configs: Sequence[Config], labels: Sequence[str], callbacks: Sequence[Callback] = (), *,
+                     group_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
+                     force: bool = False, group_config: Config | None = None) -> Trainer:
+        """Members from several recipes that differ only in seed and optimizer hyperparameters (sweeps).
+
+        ``group_config`` is written to ``GROUP/config.yaml`` (default: the first recipe)."""
+        self = cls.__new__(cls)
+        self._from_configs(list(configs), callbacks, labels=list(labels), group_dir=group_dir, resume=resume, force=force,
+                           group_config=group_config or configs[0])
+        return self
+
+    # ----------------------------------------------------------------- assembly
+    def _from_configs(self, configs: list[Config], callbacks: Sequence[Callback], *, labels: list[str] | None = None,
+                      group_dir: Any = None, resume: Any = None, force: bool = False, group_config: Config | None = None) -> None:
+        base, multi = configs[0], len(configs) > 1
+        self.dist, dist_device = init_distributed(base.train.device)
+        if multi and self.dist.enabled:
+            raise ConfigError("several seeds (seeds=[...]) cannot be combined with torchrun; train one seed per launch")
+        device = dist_device or build.resolve_device(base.train.device)
+        labels = labels or ([f"seed_{c.seed}" for c in configs] if multi else ["run"])
+        run_dirs, ckpts = self._read_resume(configs, labels, resume, force) if resume is not None else (None, None)
+        seed_everything(base.seed)
+        data = build.build_data(base)
+        if multi and data.task != "classification":
+            raise NotVectorizable("vectorised multi-run training supports classification data sets only")
+        models = []
+        for cfg in configs:
+            seed_everything(cfg.seed)
+            m = build.build_model(cfg, data.num_classes, data.input_shape)
+            if cfg.model.init_from and ckpts is None:
+                build.load_init_weights(m, cfg.model.init_from)
+            models.append(m.to(device) if multi else prepare_model(m, device, base.train.channels_last))
+        ensemble = None
+        if multi:  # before the optimizers: the members' parameters become views into the ensemble
+            cl = base.train.channels_last
+            cl = device.type == "cuda" and any(isinstance(x, nn.Conv2d) for x in models[0].modules()) if cl == "auto" else bool(cl)
+            ensemble = SeedEnsemble(models, channels_last=cl)
+        members = [Member(c, m, build.build_optimizer(c, m), label=lb) for c, m, lb in zip(configs, models, labels)]
+        self._group = (Path(group_dir) if group_dir else (run_dirs[0].parent if run_dirs else None), group_config) if multi else None
+        self._setup(members, data, device, [*callbacks, *build.build_callbacks(base)], run_dirs=run_dirs,
+                    ckpts=ckpts, ensemble=ensemble, rewrite_config=resume is None or bool(getattr(self, "_forced", ())))
+
+    def _read_resume(self, configs: list[Config], labels: list[str], resume: Any, force: bool) -> tuple[list[Path], list[dict] | None]:
+        """Run folders and checkpoints to resume; refuses trajectory changes unless ``force``."""
+        from .config import trajectory_changes
+
+        path = Path(resume)
+        if len(configs) == 1:
+            if path.is_file():
+                run_dirs = [path.parent.parent if path.parent.name == "checkpoints" else path.parent]
+            else:
+                run_dirs = [path]
+        else:
+            run_dirs = [path / lb for lb in labels]
+        found = [(d / "checkpoints" / "last.pt").is_file() or (d.is_file()) for d in run_dirs]
+        if len(configs) == 1 and path.is_file():
+            found = [True]
+        if not any(found):
+            if not all(build.is_run_dir(d) or not d.exists() for d in run_dirs) or not build.is_run_dir(path):
+                resolve_checkpoint(path, "last")  # not a run folder: its error names the problem
+            self._print_later = f"{path} has no checkpoint yet (the run stopped before its first epoch ended); starting it from the beginning"
+            return run_dirs, None
+        if not all(found):
+            missing = [str(d) for d, f in zip(run_dirs, found) if not f]
+            raise CheckpointError(f"{path}: members without a checkpoint ({', '.join(missing)}); the group cannot be resumed together")
+        ckpts = [load_checkpoint(resolve_checkpoint(path if len(configs) == 1 else d, "last"), map_location="cpu") for d in run_dirs]
+        from .distributed import env_world_size
+
+        changes: list[str] = []
+        for ck, cfg in zip(ckpts, configs):
+            stored = ck.get("config")
+            if not isinstance(stored, dict):
+                raise CheckpointError(f"{path}: the checkpoint holds no config; it was not written by flipnet train")
+            saved_world = int((ck.get("meta") or {}).get("world_size", 1))
+            for key in trajectory_changes(stored, cfg, extra_stored={"world_size": saved_world},
+                                          extra_new={"world_size": env_world_size()}):
+                if key not in changes:
+                    changes.append(key)
+        if changes and not force:
+            raise ConfigError(
+                f"--resume {path} would change {', '.join(changes)}, which alters the training trajectory; "
+                "resume with the run's own settings, or add --force to continue anyway"
+            )
+        self._forced = changes
+        if changes:
+            self._print_later = f"--force: continuing {path} with changed {', '.join(changes)}; config.yaml updated"
+        return run_dirs, ckpts
+
+    def _setup(self, members: list[Member], data: Any, device: torch.device, callbacks: Sequence[Callback], *,
+               run_dirs: list[Path] | None = None, ckpts: list[dict] | None = None, ensemble: SeedEnsemble | None = None,
+               loss_fn: Callable | None = None, rewrite_config: bool = True) -> None:
+        self.members, self.data, self.device, self.callbacks = members, data, device, list(callbacks)
         self.is_main = self.dist.is_main
-        self.device = dist_device if dist_device is not None else resolve_device(t.device)
-        self.amp_dtype = _amp_dtype(t.amp, self.device)
-        self.compile = (self.device.type == "cuda") if t.compile == "auto" else bool(t.compile)
-        self.epoch = 0  # epochs completed
-        self.step = 0  # optimizer steps taken
-        self.batch_in_epoch = 0
-        self.best = -math.inf
-        self._partial: dict[str, Any] | None = None
-
-        # -- resume: read the checkpoint first (it fixes the run folder)
-        ckpt: dict[str, Any] | None = None
-        if resume is not None:
-            ckpt_path = resolve_checkpoint(resume, "last")
-            ckpt = load_checkpoint(ckpt_path, map_location=self.device)
-            if Path(resume).is_dir():
-                self.run_dir = Path(resume)
-            else:  # RUN/checkpoints/last.pt
-                self.run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-        seed_everything(config.seed)
-
-        # -- data
-        self.data = load_data(config)
-        if self.data.task != "classification" and self.is_main:
-            warnings.warn("segmentation data: accuracy is pixel accuracy", stacklevel=2)
-        self.test_loader = _make_loader(
-            self.data, "test", config.data.eval_batch_size, train=False, device=self.device,
-            augment=False, seed=config.seed, dist_info=self.dist,
-        )
-        self._train_loader: Any = None
-
-        # -- model
-        model = build_model(config, self.data.num_classes, self.data.input_shape)
-        if config.model.init_from and ckpt is None:
-            _load_init_weights(model, config.model.init_from)
-        from flipnet.train.fast import prepare_model
-
-        channels_last = "auto" if t.channels_last == "auto" else bool(t.channels_last)
-        self.model: nn.Module = prepare_model(model, self.device, channels_last)
-
-        # -- optimizer and schedules
-        from flipnet.optim import create_optimizer
-
-        o = config.optim
-        try:
-            self.optimizer = create_optimizer(
-                self.model, binary=o.binary, binary_kwargs=dict(o.binary_kwargs), real=o.real,
-                real_kwargs=dict(o.real_kwargs), weight_clip=o.weight_clip,
-            )
-        except ValueError as e:  # unknown optimizer, bad kwargs, latent/flip mismatch (see create_optimizer)
-            if isinstance(e, FlipnetError):
-                raise
-            raise ConfigError(f"optim: {e}") from None
-        self.steps_per_epoch = self._count_train_batches()
-        self.schedulers = self._build_schedulers()
-
-        # -- DDP and the step function
-        self.ddp_model: nn.Module = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = DDP(self.model, device_ids=ids)
-        from flipnet.train.fast import make_train_step
-
-        self.train_step = make_train_step(
-            self.ddp_model, self.optimizer, F.cross_entropy, amp_dtype=self.amp_dtype,
-            cuda_graphs=t.cuda_graphs, compile=self.compile, grad_clip=t.grad_clip,
-        )
-        from flipnet.metrics import FlipRatio
-
-        try:
-            self.flip_ratio: FlipRatio | None = FlipRatio(self.model, self.optimizer)
-        except ValueError:  # no trained binary weights (optim.binary: none, or a float model)
-            self.flip_ratio = None
-
-        # -- restore
-        if ckpt is not None:
-            self._restore(ckpt)
-
-        # -- run folder, logs
-        if resume is None:
-            self.run_dir = self._new_run_dir()
-        self.run_dir = Path(self.run_dir)
-        self.logger: MetricsLogger | None = None
-        self.tb: Any = None
-        if self.is_main:
+        t = members[0].config.train
+        self.amp_dtype = build.amp_dtype(getattr(t, "precision", t.amp), device)
+        self.threads, self._threads_reason = build.choose_threads(getattr(t, "threads", None), members[0].model, device)
+        torch.set_num_threads(self.threads)
+        self.epoch = self.step = self.batch_in_epoch = 0
+        self._active, self._partial, self.stop_signal = 0, None, None
+        self._stop_requested = self._stop_shared = self._in_step = False
+        self.ensemble = ensemble
+        self._build_step(loss_fn)
+        self._build_loaders()
+        self.schedule_epochs = int(ckpts[0].get("schedule_epochs") or ckpts[0]["config"]["train"]["epochs"]) if ckpts else t.epochs
+        for m in members:
+            if m.schedulers is None:
+                m.schedulers = build.build_schedules(m.config, m.optimizer, self.steps_per_epoch, epochs=self.schedule_epochs)
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(self.run_dir / "config.yaml", dump_config(config))
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot write the run folder {self.run_dir} ({e.strerror or e}); "
-                    "set output.dir (or --out) to a writable folder"
-                ) from None
-            self.logger = MetricsLogger(self.run_dir, keep_until_epoch=self.epoch if ckpt is not None else None)
-            self.tb = self._open_tensorboard()
-        if t.track_signs:
-            try:
-                from flipnet.analysis.flips import SignTracker
-            except ModuleNotFoundError as e:
-                if e.name not in ("flipnet.analysis.flips", "flipnet.analysis"):
-                    raise
-                raise ConfigError("train.track_signs needs flipnet.analysis.flips, which is not installed") from None
-            self.callbacks.append(SignTracker())
+                m.flip_ratio = FlipRatio(m.model, m.optimizer)
+            except ValueError:  # no trained binary weights (optim.binary: none, or a float model)
+                m.flip_ratio = None
+        if ckpts:
+            for m, ck in zip(members, ckpts):
+                self._restore(m, ck)
+        self._open_folders(run_dirs, resumed=ckpts is not None, rewrite_config=rewrite_config)
+        self.bar = ProgressBar(t.progress, self.is_main)
 
-    # ----------------------------------------------------------------- building helpers
-    def _new_run_dir(self) -> Path:
-        out = self.config.output
-        if out.name:
-            run_dir = Path(out.dir) / out.name
-            # Rank 0 alone checks: under DDP it may already have created this run's files.
-            exists = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
-            if self.is_main and exists:
-                raise ConfigError(
-                    f"run folder {run_dir} already holds a run; continue it with `flipnet train --resume {run_dir}` "
-                    "or choose another output.name"
-                )
-            return run_dir
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = Path(out.dir) / f"{self.config.name}-{stamp}"
-        run_dir, i = base, 1
-        while run_dir.exists():
-            run_dir = base.with_name(f"{base.name}-{i}")
-            i += 1
-        if self.dist.enabled:  # every rank must use rank 0's folder name
-            import torch.distributed as dist
+    def _build_step(self, loss_fn: Callable | None) -> None:
+        t = self.members[0].config.train
+        compile_ = (self.device.type == "cuda") if t.compile == "auto" else bool(t.compile)
+        common = dict(amp_dtype=self.amp_dtype, cuda_graphs=t.cuda_graphs, compile=compile_)
+        if self.ensemble is None:
+            self.ddp_model: nn.Module = self.model
+            if self.dist.enabled:
+                from torch.nn.parallel import DistributedDataParallel as DDP
 
-            box = [str(run_dir)]
-            dist.broadcast_object_list(box, src=0)
-            run_dir = Path(box[0])
-        return run_dir
+                self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.train_step = make_train_step(self.ddp_model, self.optimizer, loss_fn or F.cross_entropy, grad_clip=t.grad_clip, **common)
+            return
+        if loss_fn is not None:
+            raise ConfigError("a custom loss_fn is not supported with several members (seeds=[...]) yet")
+        self.ensemble.sync_modes()  # the optimizers may have switched weight modes or frozen routes
+        self.ensemble.check_links()
+        opt = SeedOptimizer(self.ensemble, [m.optimizer for m in self.members], grad_clip=t.grad_clip)
+        self.ddp_model = self.ensemble
+        self.train_step = make_train_step(self.ensemble, opt, ensemble_loss, metrics_fn=ensemble_metrics, **common)
 
-    def _loader_for_epoch(self, epoch: int) -> Any:
-        """The training loader positioned at ``epoch`` (its shuffle and augmentation seeded by it)."""
-        if self._train_loader is None:
-            self._train_loader = _make_loader(
-                self.data, "train", self.config.data.batch_size, train=True, device=self.device,
-                augment=self.config.data.augment, seed=self.config.seed, dist_info=self.dist,
-            )
-        loader = self._train_loader
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        return loader
-
-    def _count_train_batches(self) -> int:
-        loader = self._loader_for_epoch(0)
+    def _build_loaders(self) -> None:
+        d, r, w = self.members[0].config.data, self.dist.rank, self.dist.world_size
+        self.train_loaders = [build.build_loader(self.data, "train", m.config.data.batch_size, train=True, device=self.device,
+                                                 augment=m.config.data.augment, seed=m.config.seed, rank=r, world_size=w)
+                              for m in self.members]
+        self.test_loader = build.build_loader(self.data, "test", d.eval_batch_size, train=False, device=self.device,
+                                              seed=self.config.seed, rank=r, world_size=w)
+        self.val_loader = (build.build_loader(self.data, "val", d.eval_batch_size, train=False, device=self.device,
+                                              seed=self.config.seed, rank=r, world_size=w)
+                           if build.has_split(self.data, "val") else None)
         try:
-            return len(loader)
+            self.steps_per_epoch = len(self.train_loaders[0])
         except TypeError:
             raise ConfigError("the training loader has no length; flipnet needs a sized loader") from None
 
-    def _build_schedulers(self) -> list[Any]:
-        """``optim.schedules`` → :class:`flipnet.optim.schedules.HyperparamScheduler` objects."""
-        from flipnet.optim.schedules import scheduler_from_dict
+    def _open_folders(self, run_dirs: list[Path] | None, *, resumed: bool, rewrite_config: bool) -> None:
+        base = self.members[0].config
+        if self._group is not None:
+            group_dir, group_config = self._group
+            if group_dir is None:
+                group_dir = build.new_run_dir(base.output, base.name, kind="group")
+            elif self.is_main:
+                build.make_run_dir(group_dir, "group")
+            self._group = (group_dir, group_config)
+            run_dirs = run_dirs or [group_dir / m.label for m in self.members]
+            if self.is_main and group_config is not None and rewrite_config:
+                self._write(group_dir / "config.yaml", dump_config(group_config))
+        elif run_dirs is None:
+            run_dirs = [build.new_run_dir(base.output, base.name, is_main=self.is_main, dist_enabled=self.dist.enabled)]
+        for m, d in zip(self.members, run_dirs):
+            m.run_dir = Path(d)
+            if not self.is_main:
+                continue
+            build.make_run_dir(m.run_dir)
+            if rewrite_config:
+                self._write(m.run_dir / "config.yaml", dump_config(m.config))
+            m.logger = MetricsLogger(m.run_dir, keep_until_epoch=self.epoch if resumed else None)
+            m.tb = TensorBoardLogger(m.run_dir, m.config.train.tensorboard, self.epoch)
 
-        out = []
-        for i, s in enumerate(self.config.optim.schedules):
-            spec = {"key": s.key, "type": s.type, "route": s.route, "unit": s.unit, **s.params}
-            try:
-                out.append(scheduler_from_dict(self.optimizer, spec, epochs=self.config.train.epochs,
-                                               steps_per_epoch=self.steps_per_epoch))
-            except (FlipnetError, ValueError) as e:
-                raise ConfigError(f"optim.schedules[{i}]: {e}") from None
-        return out
+    # ----------------------------------------------------------------- the active member
+    @property
+    def member(self) -> Member:
+        """The member callbacks see now (the first, except during a member's ``on_epoch_end``)."""
+        return self.members[self._active]
 
-    def _open_tensorboard(self) -> Any:
-        mode = self.config.train.tensorboard
-        if mode is False:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            if mode is True:
-                raise ConfigError("train.tensorboard=true but tensorboard is not installed; pip install tensorboard") from None
-            return None
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.epoch + 1 if self.epoch else None)
+    model = property(lambda self: self.member.model, doc="The active member's model (unwrapped).")
+    optimizer = property(lambda self: self.member.optimizer, doc="The active member's optimizer.")
+    config = property(lambda self: self.member.config, doc="The active member's recipe.")
+    run_dir = property(lambda self: self.member.run_dir, doc="The active member's run folder.")
+    schedulers = property(lambda self: self.member.schedulers, doc="The active member's schedules.")
+    logger = property(lambda self: self.member.logger, doc="The active member's metrics logger (rank 0).")
+    best = property(lambda self: self.member.best, doc="The active member's best validation accuracy.")
+
+    @property
+    def group_dir(self) -> Path | None:
+        """The folder holding the members' run folders (several members only)."""
+        return self._group[0] if self._group is not None else None
 
     # ----------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: weights, optimizer, schedules, counters, RNG."""
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "epoch": self.epoch,
-            "step": self.step,
-            "batch_in_epoch": self.batch_in_epoch,
-            "rng": get_rng_state(),
-            "config": config_to_dict(self.config),
-            "best": self.best,
-            "meta": {
-                "num_classes": int(self.data.num_classes),
-                "input_shape": [int(v) for v in self.data.input_shape],
-                "task": str(self.data.task),
-                "world_size": self.dist.world_size,
-            },
+    def state_dict(self, member: Member | None = None) -> dict[str, Any]:
+        """Everything needed to continue ``member`` (default: the active one) exactly."""
+        m = member or self.member
+        i = self.members.index(m)
+        state: dict[str, Any] = {
+            "model": m.model.state_dict(), "optimizer": m.optimizer.state_dict(),
+            "schedulers": [s.state_dict() for s in m.schedulers or ()], "epoch": self.epoch, "step": self.step,
+            "batch_in_epoch": self.batch_in_epoch, "rng": get_rng_state(), "config": config_to_dict(m.config),
+            "best": m.best, "best_epoch": m.best_epoch, "test_at_best": m.test_at_best, "schedule_epochs": self.schedule_epochs,
+            "meta": {"num_classes": int(self.data.num_classes), "input_shape": [int(v) for v in self.data.input_shape],
+                     "task": str(self.data.task), "world_size": self.dist.world_size, "threads": self.threads},
         }
+        if len(self.members) > 1:
+            state["meta"]["multi"] = {"members": len(self.members), "index": i}
         if self._partial is not None:
-            state["partial"] = self._partial
+            p = self._partial
+            state["partial"] = {"sums": p["sums"][i], "n_samples": p["n_samples"], "n_targets": p["n_targets"]}
         return state
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
+    def _restore(self, m: Member, ckpt: dict[str, Any]) -> None:
         try:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            m.model.load_state_dict(ckpt["model"])
+            m.optimizer.load_state_dict(ckpt["optimizer"])
             saved = ckpt.get("schedulers", [])
-            if len(saved) != len(self.schedulers):
-                raise CheckpointError(
-                    f"the checkpoint has {len(saved)} schedules but the recipe {len(self.schedulers)}; "
-                    "resume with the run's own optim.schedules"
-                )
-            for s, sd in zip(self.schedulers, saved):
+            if len(saved) != len(m.schedulers or ()):
+                raise CheckpointError(f"the checkpoint has {len(saved)} schedules but the recipe {len(m.schedulers or ())}; "
+                                      "resume with the run's own optim.schedules")
+            for s, sd in zip(m.schedulers or (), saved):
                 s.load_state_dict(sd)
         except (RuntimeError, KeyError, ValueError) as e:
             if isinstance(e, FlipnetError):
                 raise
             raise CheckpointError(f"the checkpoint does not fit this run's model/optimizer: {str(e).splitlines()[0]}") from None
-        self.epoch = int(ckpt["epoch"])
-        self.step = int(ckpt["step"])
+        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
-        self.best = float(ckpt.get("best", -math.inf))
-        self._partial = ckpt.get("partial") if self.batch_in_epoch else None
-        if "rng" in ckpt:
-            # Written by rank 0; every rank starts from the same seed, so the states agree anyway.
+        m.best, m.best_epoch, m.test_at_best = float(ckpt.get("best", -math.inf)), int(ckpt.get("best_epoch", 0)), ckpt.get("test_at_best")
+        partial = ckpt.get("partial") if self.batch_in_epoch else None
+        if partial is not None:
+            i = self.members.index(m)
+            if self._partial is None:
+                self._partial = {"sums": torch.zeros(len(self.members), 2), "n_samples": int(partial["n_samples"]),
+                                 "n_targets": int(partial["n_targets"])}
+            self._partial["sums"][i] = partial["sums"].reshape(2).to(torch.float32).cpu()
+        if "rng" in ckpt:  # written by rank 0; every rank starts from the same seed, so the states agree anyway
             set_rng_state(ckpt["rng"])
-        saved_world = (ckpt.get("meta") or {}).get("world_size", 1)
-        if saved_world != self.dist.world_size and self.is_main:
-            warnings.warn(
-                f"resuming a run trained with {saved_world} process(es) on {self.dist.world_size}: the data "
-                "shards differ, so the result will not equal an uninterrupted run", stacklevel=3,
-            )
 
-    def _save(self, name: str, state: dict[str, Any] | None = None) -> None:
+    def _write(self, path: Path, text: str) -> None:
+        try:
+            atomic_write_text(path, text)
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path} ({e.strerror or e}); free disk space or make the folder writable") from None
+
+    def _save(self, m: Member, name: str, state: dict[str, Any] | None = None) -> None:
         if self.is_main:
-            save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", state if state is not None else self.state_dict())
+            path = m.run_dir / "checkpoints" / f"{name}.pt"
+            try:
+                save_checkpoint(path, state if state is not None else self.state_dict(m))
+            except OSError as e:
+                raise CheckpointError(f"cannot write {path} ({e.strerror or e}); free disk space or make the folder writable, "
+                                      "then continue with flipnet train --resume (the previous checkpoint is kept)") from None
 
-    # ----------------------------------------------------------------- logging helpers
     def _print(self, msg: str) -> None:
         if self.is_main:
-            if self._bar is not None:
-                from tqdm import tqdm
+            self.bar.write(msg)
 
-                tqdm.write(msg, file=sys.stderr)
-            else:
-                print(msg, flush=True)
+    def hyperparameters(self, member: Member | None = None) -> dict[str, float]:
+        """Current values of the logged hyper-parameters of ``member`` (see :func:`hyperparameter_values`)."""
+        m = member or self.member
+        return hyperparameter_values(m.optimizer, ((s.route, s.key) for s in m.config.optim.schedules))
 
-    def _progress_enabled(self) -> bool:
-        p = self.config.train.progress
-        if not self.is_main:
-            return False
-        if p == "auto":
-            return sys.stderr.isatty()
-        return bool(p)
+    # ----------------------------------------------------------------- divergence
+    def _watched(self, m: Member) -> list[tuple[str, Tensor]]:
+        """Tensors whose finiteness is checked: weights, BatchNorm statistics, optimizer state (the
+        running averages of the gradients: a NaN gradient stays visible there)."""
+        out = [(f"weight {n}", p) for n, p in m.model.named_parameters()]
+        out += [(f"BatchNorm statistic {n}", b) for n, b in m.model.named_buffers() if b.is_floating_point()]
+        names = {id(p): n for n, p in m.model.named_parameters()}
+        for opt in getattr(m.optimizer, "optimizers", {"": m.optimizer}).values():
+            for p, st in getattr(opt, "state", {}).items():
+                for k, v in (st.items() if isinstance(st, dict) else ()):
+                    if isinstance(v, Tensor) and v.is_floating_point() and v.numel() > 1:
+                        out.append((f"gradient statistic {k} of {names.get(id(p), '?')}", v))
+        return out
 
-    def hyperparameters(self) -> dict[str, float]:
-        """Current values of the logged hyper-parameters, keyed ``<route>/<key>`` (first group per route).
-
-        See :func:`hyperparameter_values`.
-        """
-        return hyperparameter_values(self.optimizer, ((s.route, s.key) for s in self.config.optim.schedules))
+    def _check(self, sums: Tensor, where: str) -> bool:
+        """Raise :class:`TrainingDiverged` when a member's loss, weights, BatchNorm statistics or
+        optimizer state hold NaN/inf (one host sync); also shares a stop request between DDP ranks."""
+        watched = [self._watched(m) for m in self.members]
+        flags = [~torch.isfinite(sums[:, 0])]
+        flags += [torch.stack([~torch.isfinite(t).all() for _, t in w]) for w in watched if w]
+        flags.append(torch.tensor([bool(self._stop_requested)], device=self.device))
+        bad = all_reduce_sum(torch.cat([f.reshape(-1).to(self.device, torch.float32) for f in flags])).tolist()
+        stop, bad = bad[-1] > 0, bad[:-1]
+        s = len(self.members)
+        for i, m in enumerate(self.members):
+            what = "the training loss" if bad[i] > 0 else None
+            if what is None:
+                offset = s + sum(len(w) for w in watched[:i])
+                hit = [n for (n, _), v in zip(watched[i], bad[offset:offset + len(watched[i])]) if v > 0]
+                what = hit[0] if hit else None
+            if what is not None:
+                run = f"run {m.label}: " if s > 1 else ""
+                raise TrainingDiverged(
+                    f"{run}{what} became NaN/inf {where}; stopped. The last good checkpoint "
+                    f"({m.run_dir / 'checkpoints' / 'last.pt'}, epoch {self.epoch}) was kept. "
+                    "Lower the learning rate / Bop gamma or set train.grad_clip"
+                )
+        return stop
 
     # ----------------------------------------------------------------- training
-    _bar: Any = None
-    _stop_requested: bool = False  # Ctrl-C seen by this process
-    _stop_shared: bool = False  # Ctrl-C seen by some rank, agreed at a loss check (DDP)
-    _in_step: bool = False
-
-    def _check_finite(self, loss_sum: Tensor, where: str) -> bool:
-        """Raise :class:`TrainingDiverged` when any rank's running loss is NaN/inf.
-
-        Also shares the Ctrl-C request between ranks (one all-reduce for both), so that under DDP
-        every rank stops after the same step. Returns True when some rank asked to stop.
-        """
-        flags = torch.stack([(~torch.isfinite(loss_sum)).to(torch.float32).reshape(()),
-                             torch.tensor(float(self._stop_requested), device=loss_sum.device)])
-        bad, stop = all_reduce_sum(flags).tolist()
-        if bad > 0:
-            raise TrainingDiverged(
-                f"the training loss became NaN/inf {where}; stopped. The last good checkpoint "
-                f"({self.run_dir / 'checkpoints' / 'last.pt'}, epoch {self.epoch}) was kept. "
-                "Lower the learning rate / Bop gamma or set train.grad_clip"
-            )
-        return stop > 0
-
     def fit(self) -> dict[str, Any]:
         """Train for ``train.epochs`` epochs (from where a resumed run stopped).
 
         Returns:
-            The last epoch's metrics row (what was logged).
+            The first member's last logged row (:attr:`members` hold every member's ``last_row``).
 
         Raises:
-            TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
-            KeyboardInterrupt: after saving ``checkpoints/last.pt`` (resume with
-                ``flipnet train --resume RUN``).
+            TrainingDiverged: NaN/inf in the loss, weights, BatchNorm statistics or gradients (the
+                last good checkpoint is kept, NaN is never saved).
+            KeyboardInterrupt: Ctrl-C or SIGTERM, after saving ``checkpoints/last.pt`` (resume with
+                ``flipnet train --resume RUN``); :attr:`stop_signal` says which signal.
         """
         t = self.config.train
-        last_row: dict[str, Any] = self.logger.rows[-1] if self.logger and self.logger.rows else {}
+        for m in self.members:
+            m.last_row = m.logger.rows[-1] if m.logger and m.logger.rows else {}
         for cb in self.callbacks:
             cb.on_train_start(self)
+        where = self.group_dir or self.run_dir
         if self.epoch >= t.epochs:
-            self._print(f"{self.run_dir}: already trained for {self.epoch} epochs (train.epochs={t.epochs}); nothing to do")
-        self._stop_requested = self._stop_shared = False
-        self._in_step = False
-        previous_handler = self._install_sigint_handler()
+            self._print(f"{where}: already trained for {self.epoch} epochs (train.epochs={t.epochs}); nothing to do")
+        previous = self._install_signal_handlers()
+        if getattr(self, "_print_later", None):
+            self._print(self._print_later)
         if self.epoch < t.epochs:
             self._print(self._start_line())
-        started = time.perf_counter()
-        first_epoch = self.epoch
-        ended = False
+        started, first_epoch, ended = time.perf_counter(), self.epoch, False
         try:
             while self.epoch < t.epochs:
-                last_row = self._train_epoch()
+                self._train_epoch()
                 if self._stop_shared if self.dist.enabled else self._stop_requested:
-                    raise KeyboardInterrupt
+                    raise _StopRequested
             ended = True
             if self.epoch > first_epoch:
-                best = f"best test accuracy {self.best:.4f}; " if math.isfinite(self.best) else ""
-                self._print(
-                    f"done: {self.epoch - first_epoch} epochs in {time.perf_counter() - started:.1f} s; "
-                    f"{best}run folder {self.run_dir}"
-                )
-        except KeyboardInterrupt:
-            self._close_bar()
-            consistent = not self._in_step and (
-                self._partial is None or math.isfinite(float(self._partial["sums"][0]))
-            )
-            where = f"in epoch {self.epoch + 1} after step {self.step}" if self.batch_in_epoch else f"after epoch {self.epoch}"
-            if consistent:
-                self._save("last")
-                self._print(
-                    f"interrupted {where}; saved {self.run_dir / 'checkpoints' / 'last.pt'}. "
-                    f"Continue with: flipnet train --resume {self.run_dir}"
-                )
-            else:
-                self._print(
-                    f"interrupted inside a step; kept the last checkpoint (end of epoch {self.epoch}). "
-                    f"Continue with: flipnet train --resume {self.run_dir}"
-                )
-            raise
+                self._print(self._final_line(self.epoch - first_epoch, time.perf_counter() - started))
+        except (_StopRequested, KeyboardInterrupt):
+            self._interrupted()
+            raise KeyboardInterrupt from None
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
-            self._close_bar()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.bar.close()
             for cb in self.callbacks:
                 cb.on_train_end(self)
-            self._finish_files()
-            # Under DDP, let no rank run ahead (to exit and tear down its process group, which
-            # makes torchrun stop the others) while rank 0 still writes the final files or the
-            # interrupted run's checkpoint. Only where every rank is known to get here: a normal
-            # end, or a stop all ranks agreed on; after an error torchrun stops the others.
+            self._finish_files(time.perf_counter() - started)
+            # Under DDP no rank may run ahead (and tear down its process group) while rank 0 still
+            # writes; only where every rank is known to get here (a normal end or an agreed stop).
             if ended or (self.dist.enabled and self._stop_shared):
                 barrier()
-        return last_row
+        return self.members[0].last_row
+
+    def _interrupted(self) -> None:
+        self.bar.close()
+        where = f"in epoch {self.epoch + 1} after step {self.step}" if self.batch_in_epoch else f"after epoch {self.epoch}"
+        finite = self._partial is None or bool(torch.isfinite(self._partial["sums"]).all())
+        if finite and not self._in_step:
+            try:
+                self._check(torch.zeros(len(self.members), 2, device=self.device), where)
+            except TrainingDiverged:
+                finite = False
+        resume = self.group_dir or self.run_dir
+        if finite and not self._in_step:
+            for m in self.members:
+                self._save(m, "last")
+            self._print(f"interrupted {where}; saved {self.run_dir / 'checkpoints' / 'last.pt'}"
+                        f"{' (and the other members)' if len(self.members) > 1 else ''}. Continue with: flipnet train --resume {resume}")
+        else:
+            self._print(f"interrupted inside a step; kept the last checkpoint (end of epoch {self.epoch}). "
+                        f"Continue with: flipnet train --resume {resume}")
 
     def _start_line(self) -> str:
-        o, d = self.config.optim, self.data
+        c, d = self.config, self.data
+        sizes = f"{len(d.train_y)} train / " + (f"{len(d.split('val')[1])} validation / " if self.val_loader else "") + f"{len(d.test_y)} test"
         where = f"{self.device}" + (f" x {self.dist.world_size} processes" if self.dist.enabled else "")
-        resumed = f", resuming after epoch {self.epoch}" + (f" step {self.step}" if self.batch_in_epoch else "") if self.epoch or self.step else ""
-        return (
-            f"training {self.config.model.name} on {self.config.data.name} ({len(d.train_y)} train / {len(d.test_y)} test, "
-            f"{self.steps_per_epoch} steps per epoch) with binary={o.binary} real={o.real} on {where}{resumed}; "
-            f"run folder {self.run_dir}"
-        )
+        runs = f"{len(self.members)} runs ({', '.join(m.label for m in self.members)}) of " if len(self.members) > 1 else ""
+        resumed = (f", resuming after epoch {self.epoch}" + (f" step {self.step}" if self.batch_in_epoch else "")) if self.epoch or self.step else ""
+        line = (f"training {runs}{c.model.name} on {c.data.name} ({sizes}, {self.steps_per_epoch} steps per epoch) with "
+                f"binary={c.optim.binary} real={c.optim.real} on {where}, {self.threads} thread{'s' if self.threads > 1 else ''} "
+                f"({self._threads_reason}){resumed}; run folder {self.group_dir or self.run_dir}")
+        if self.val_loader is None:
+            line += ("\nno validation split (data.val_size is 0 or unset): best.pt is the last evaluated epoch; "
+                     "set data.val_size to select it on held-out training data")
+        return line
 
-    def _install_sigint_handler(self) -> Any:
-        """Defer Ctrl-C to the end of the current step so the saved state is consistent.
-
-        The first Ctrl-C asks the loop to stop after the running step; a second one stops at once
-        (then the last end-of-epoch checkpoint is kept). Only in the main thread.
-        """
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Ctrl-C and SIGTERM stop at the end of the current step, so the saved state is consistent;
+        a second signal stops at once (the last end-of-epoch checkpoint is kept). Main thread only."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def handler(signum: int, frame: Any) -> None:
             if self._stop_requested:
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self._stop_requested, self.stop_signal = True, signum
             if self.is_main:
-                print("\nstopping after this step (press Ctrl-C again to stop at once) ...", file=sys.stderr, flush=True)
+                print("\nstopping after this step (press Ctrl-C again to stop at once) ...", file=__import__("sys").stderr, flush=True)
 
-        try:
-            return signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main interpreter
-            return None
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def _finish_files(self) -> None:
-        if not self.is_main:
-            return
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-        if self.config.train.plots and self.logger is not None and self.logger.rows:
-            from .plots import plot_runs
-
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                plot_runs([self.run_dir], self.run_dir / "plots")
-            except (OSError, ValueError, RuntimeError) as e:  # never lose a run over a plot
-                warnings.warn(f"could not draw the plots of {self.run_dir}: {e}", stacklevel=2)
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main interpreter
+                pass
+        return previous
 
-    def _train_epoch(self) -> dict[str, Any]:
-        t = self.config.train
-        epoch = self.epoch  # 0-based index of the epoch being trained
+    def _batches(self) -> Iterable[tuple[Tensor, Tensor]]:
+        if len(self.train_loaders) == 1:
+            yield from self.train_loaders[0]
+            return
+        for group in zip(*self.train_loaders):  # member s trains on the batches of a separate run with its seed
+            yield torch.stack([b[0] for b in group]), torch.stack([b[1] for b in group])
+
+    def _train_epoch(self) -> None:
+        t, s, epoch = self.config.train, len(self.members), self.epoch
         started = time.perf_counter()
         self.ddp_model.train()
-        loader = self._loader_for_epoch(epoch)
+        for loader in self.train_loaders:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
         skip = self.batch_in_epoch
-        sums = torch.zeros(2, device=self.device, dtype=torch.float32)  # loss sum, correct
+        sums = torch.zeros(s, 2, device=self.device, dtype=torch.float32)  # per member: loss sum, correct
         n_samples = n_targets = 0
-        if skip and self._partial is not None:
-            # The partial sums were saved by rank 0 alone: under DDP only rank 0 adds them, so the
-            # interrupted epoch's training metrics miss the other ranks' batches before the stop.
-            if self.is_main:
-                sums += self._partial["sums"].to(self.device, torch.float32)
-                n_samples, n_targets = int(self._partial["n_samples"]), int(self._partial["n_targets"])
-        if not skip and self.flip_ratio is not None:
-            self.flip_ratio.reset()
-        if self._progress_enabled():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{t.epochs}",
-                             leave=False, dynamic_ncols=True, file=sys.stderr)
-        step_scheds = [s for s in self.schedulers if getattr(s, "unit", "step") == "step"]
-        check_every = t.nan_check_every
-        for i, (x, y) in enumerate(loader):
+        if skip and self._partial is not None and self.is_main:  # saved by rank 0 alone
+            sums += self._partial["sums"].to(self.device, torch.float32)
+            n_samples, n_targets = int(self._partial["n_samples"]), int(self._partial["n_targets"])
+        for m in self.members:
+            if not skip and m.flip_ratio is not None:
+                m.flip_ratio.reset()
+        self.bar.start(self.steps_per_epoch, skip, f"epoch {epoch + 1}/{t.epochs}")
+        step_scheds = [sc for m in self.members for sc in m.schedulers if getattr(sc, "unit", "step") == "step"]
+        every = t.nan_check_every
+        for i, (x, y) in enumerate(self._batches()):
             if i < skip:
                 continue
             self._in_step = True
             loss_sum, correct = self.train_step(x, y)
-            sums[0] += loss_sum
-            sums[1] += correct
-            n_samples += int(y.shape[0])
-            n_targets += int(y.numel())
-            self.step += 1
-            self.batch_in_epoch = i + 1
+            sums[:, 0] += loss_sum
+            sums[:, 1] += correct
+            one = y if s == 1 else y[0]
+            n_samples, n_targets = n_samples + int(one.shape[0]), n_targets + int(one.numel())
+            self.step, self.batch_in_epoch = self.step + 1, i + 1
             self._partial = {"sums": sums, "n_samples": n_samples, "n_targets": n_targets}
             self._in_step = False
-            for s in step_scheds:
-                s.step()
+            for sc in step_scheds:
+                sc.step()
             for cb in self.callbacks:
                 cb.on_step_end(self)
-            if check_every and self.step % check_every == 0:
-                if self._check_finite(sums[0], f"in epoch {epoch + 1} (between steps {self.step - check_every + 1} and {self.step})"):
+            if every and self.step % every == 0:
+                if self._check(sums, f"in epoch {epoch + 1} (between steps {self.step - every + 1} and {self.step})"):
                     self._stop_shared = True
-                    raise KeyboardInterrupt
-                if self._bar is not None:
-                    self._bar.set_postfix(loss=f"{sums[0].item() / max(n_samples, 1):.4f}")
-            if self._bar is not None:
-                self._bar.update(1)
-            if self._stop_requested and not self.dist.enabled:
-                # Under DDP the request is shared at the next loss check, so all ranks stop together.
-                raise KeyboardInterrupt
-        if self._check_finite(sums[0], f"in epoch {epoch + 1} (by step {self.step})"):
+                    raise _StopRequested
+                self.bar.postfix(float(sums[0, 0]) / max(n_samples, 1))
+            self.bar.update()
+            if self._stop_requested and not self.dist.enabled:  # under DDP shared at the next check
+                raise _StopRequested
+        if self._check(sums, f"in epoch {epoch + 1} (by step {self.step})"):
             self._stop_shared = True  # every rank finishes this epoch, then stops
-        self._close_bar()
+        self.bar.close()
+        self._end_epoch(sums, n_samples, n_targets, started)
 
-        totals = all_reduce_sum(torch.cat([sums.double(), torch.tensor([n_samples, n_targets], device=self.device, dtype=torch.float64)]))
-        loss_total, correct_total, samples, targets = totals.tolist()
-        hparams = self.hyperparameters()  # the values used during this epoch
-        for s in self.schedulers:
-            if getattr(s, "unit", "step") == "epoch":
-                s.step()
-        flips = self.flip_ratio.compute() if self.flip_ratio is not None else {}
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        self._partial = None
+    def _end_epoch(self, sums: Tensor, n_samples: int, n_targets: int, started: float) -> None:
+        t, s = self.config.train, len(self.members)
+        totals = all_reduce_sum(torch.cat([sums.double().reshape(-1), torch.tensor([n_samples, n_targets], device=self.device, dtype=torch.float64)])).tolist()
+        samples, targets = max(totals[-2], 1), max(totals[-1], 1)
+        hparams = [self.hyperparameters(m) for m in self.members]  # the values used during this epoch
+        for m in self.members:
+            for sc in m.schedulers:
+                if getattr(sc, "unit", "step") == "epoch":
+                    sc.step()
+        flips = [m.flip_ratio.compute() if m.flip_ratio is not None else {} for m in self.members]
+        self.epoch, self.batch_in_epoch, self._partial = self.epoch + 1, 0, None
+        evaluated = self.epoch % t.eval_every == 0 or self.epoch == t.epochs
+        tests = self._evaluate(self.test_loader) if evaluated else [None] * s
+        vals = self._evaluate(self.val_loader) if evaluated and self.val_loader is not None else [None] * s
+        elapsed = time.perf_counter() - started
+        for i, m in enumerate(self.members):
+            row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "train_loss": totals[2 * i] / samples,
+                                   "train_acc": totals[2 * i + 1] / targets}
+            if self.val_loader is not None:
+                row["val_loss"], row["val_acc"] = (vals[i]["loss"], vals[i]["acc"]) if vals[i] else (None, None)
+            row["test_loss"], row["test_acc"] = (tests[i]["loss"], tests[i]["acc"]) if tests[i] else (None, None)
+            row.update(hparams[i])
+            if flips[i]:
+                row["flip_ratio"] = float(flips[i].get("total", float("nan")))
+                row.update({f"flip_ratio/{k}": float(v) for k, v in flips[i].items() if k != "total"})
+            self._active = i
+            try:
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, row)
+            finally:
+                self._active = 0
+            row["time_s"] = elapsed
+            m.time_s += elapsed
+            self._log_and_save(m, row)
+        self._print(self._epoch_line(elapsed))
 
-        row: dict[str, Any] = {
-            "epoch": self.epoch,
-            "step": self.step,
-            "train_loss": loss_total / max(samples, 1),
-            "train_acc": correct_total / max(targets, 1),
-            "test_loss": None,
-            "test_acc": None,
-        }
-        if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
-            broadcast_buffers(self.model)
-            ev = self.evaluate()
-            row["test_loss"], row["test_acc"] = ev["loss"], ev["acc"]
-        row.update(hparams)
-        if flips:
-            row["flip_ratio"] = float(flips.get("total", float("nan")))
-            for name, v in flips.items():
-                if name != "total":
-                    row[f"flip_ratio/{name}"] = float(v)
-        for cb in self.callbacks:
-            cb.on_epoch_end(self, row)
-        row["time_s"] = time.perf_counter() - started
+    def _evaluate(self, loader: Any) -> list[dict[str, float]]:
+        if self.ensemble is not None:
+            return evaluate_ensemble(self.ensemble, loader, self.amp_dtype, self.device)
+        broadcast_buffers(self.model)
+        n = len(loader.dataset) if hasattr(loader, "dataset") else None
+        n = n if isinstance(n, int) else (len(self.data.split("val" if loader is self.val_loader else "test")[1]))
+        share = len(range(self.dist.rank, n, self.dist.world_size))
+        return [evaluate(self.model, loader, self.device, self.amp_dtype, max_samples=share)]
 
-        # files: the row first, then the checkpoint. A crash in between leaves a checkpoint one
-        # epoch behind the logs; a resume re-trains that epoch and drops the newer row.
-        state = self.state_dict()
-        improved = row["test_acc"] is not None and row["test_acc"] > self.best
+    def evaluate(self) -> dict[str, float]:
+        """Test-set loss and accuracy of the first member's current model (``{"loss", "acc", "n"}``)."""
+        return self._evaluate(self.test_loader)[0]
+
+    def _log_and_save(self, m: Member, row: dict[str, Any]) -> None:
+        """Choose best on validation (never on test), log the row, then write the checkpoints.
+
+        The row goes first: a crash in between leaves a checkpoint one epoch behind the logs; a
+        resume re-trains that epoch and replaces the newer row."""
+        if self.val_loader is not None:
+            improved = row.get("val_acc") is not None and row["val_acc"] > m.best
+            if improved:
+                m.best = row["val_acc"]
+        else:  # no validation data: the last evaluated epoch
+            improved = row["test_acc"] is not None
         if improved:
-            self.best = state["best"] = row["test_acc"]
-        row["best_test_acc"] = None if not math.isfinite(self.best) else self.best
+            m.best_epoch, m.test_at_best = self.epoch, row["test_acc"]
+        row["best_epoch"] = m.best_epoch or None
+        row["best_val_acc"] = m.best if math.isfinite(m.best) else None
+        row["test_acc_at_best"] = m.test_at_best
+        state = self.state_dict(m)
         if self.is_main:
-            assert self.logger is not None
-            self.logger.append(row)
-            if self.tb is not None:
-                for k, v in row.items():
-                    if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                        self.tb.add_scalar(k, v, self.epoch)
-                self.tb.flush()
+            m.logger.append(row)
+            m.tb.log(row)
+        m.last_row = row
         if improved:
-            self._save("best", state)
-        self._save("last", state)
-        self._print(self._epoch_line(row))
-        return row
+            self._save(m, "best", state)
+        self._save(m, "last", state)
 
-    def _epoch_line(self, row: dict[str, Any]) -> str:
-        parts = [f"epoch {row['epoch']}/{self.config.train.epochs}",
-                 f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"]
+    def _epoch_line(self, elapsed: float) -> str:
+        if len(self.members) > 1:
+            accs = " ".join(f"{m.last_row['test_acc']:.4f}" if m.last_row.get("test_acc") is not None
+                            else f"(train {m.last_row['train_acc']:.4f})" for m in self.members)
+            return f"epoch {self.epoch}/{self.config.train.epochs} | {len(self.members)} runs | test acc {accs} | {elapsed:.1f}s"
+        row = self.members[0].last_row
+        parts = [f"epoch {row['epoch']}/{self.config.train.epochs}", f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"]
+        if row.get("val_acc") is not None:
+            parts.append(f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}")
         if row.get("test_acc") is not None:
             parts.append(f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}")
         if "flip_ratio" in row:
             parts.append(f"flips {row['flip_ratio']:.3g}")
-        hp = [f"{k}={_fmt(v)}" for k, v in row.items() if "/" in k and not k.startswith("flip_ratio/")]
-        if hp:
-            parts.append(" ".join(hp))
-        parts.append(f"{row['time_s']:.1f}s")
-        return " | ".join(parts)
+        hp = [f"{k}={v:.3g}" for k, v in row.items() if "/" in k and not k.startswith("flip_ratio/")]
+        return " | ".join([*parts, *([" ".join(hp)] if hp else []), f"{row['time_s']:.1f}s"])
 
-    def evaluate(self) -> dict[str, float]:
-        """Test-set loss and accuracy of the current model (``{"loss", "acc", "n"}``)."""
-        n_test = len(self.data.test_y)
-        share = len(range(self.dist.rank, n_test, self.dist.world_size))
-        return evaluate(self.model, self.test_loader, self.device, self.amp_dtype, max_samples=share)
+    def results(self) -> list[dict[str, Any]]:
+        """One summary row per member: last-epoch and best-validation-epoch numbers, seed, folder."""
+        out = []
+        for m in self.members:
+            r = m.last_row
+            out.append({"label": m.label, "seed": m.config.seed, "epochs": r.get("epoch"), "train_loss": r.get("train_loss"),
+                        "train_acc": r.get("train_acc"), "test_loss": r.get("test_loss"), "test_acc": r.get("test_acc"),
+                        "best_epoch": m.best_epoch or None, "best_val_acc": m.best if math.isfinite(m.best) else None,
+                        "test_acc_at_best": m.test_at_best, "flip_ratio": r.get("flip_ratio"), "time_s": m.time_s,
+                        "device": str(self.device), "threads": self.threads, "run_dir": str(m.run_dir)})
+        return out
 
+    def _final_line(self, epochs: int, seconds: float) -> str:
+        res = self.results()
+        if len(res) == 1:
+            r = res[0]
+            at_best = (f", {r['test_acc_at_best']:.4f} at the best validation epoch {r['best_epoch']} (val {r['best_val_acc']:.4f})"
+                       if r["best_val_acc"] is not None and r["test_acc_at_best"] is not None else " (no validation split)")
+            acc = f"test accuracy {r['test_acc']:.4f} at the last epoch{at_best}; " if r["test_acc"] is not None else ""
+            return f"done: {epochs} epochs in {seconds:.1f} s; {acc}run folder {self.run_dir}"
+        import statistics
 
-# ---------------------------------------------------------------------------------------------
-# loading runs
+        def stat(key: str) -> str:
+            v = [r[key] for r in res if r[key] is not None]
+            return f"{statistics.fmean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}" if v else "n/a"
 
+        return (f"done: {epochs} epochs of {len(res)} runs in {seconds:.1f} s; test accuracy {stat('test_acc')} at the last epoch, "
+                f"{stat('test_acc_at_best')} at the best validation epoch; group folder {self.group_dir}")
 
-def _load_init_weights(model: nn.Module, source: str) -> None:
-    """``model.init_from``: copy the model weights of a run folder (best, else last) or checkpoint."""
-    try:
-        path = resolve_checkpoint(source, "best")
-    except CheckpointError as e:
-        raise ConfigError(f"model.init_from: {e}") from None
-    from flipnet.layers import binary_modules
+    def _finish_files(self, seconds: float) -> None:
+        if not self.is_main:
+            return
+        for m in self.members:
+            if m.tb is not None:
+                m.tb.close()
+        if not any(m.logger and m.logger.rows for m in self.members):
+            return
+        extra = {"threads": self.threads, "threads_reason": self._threads_reason, "wall_time_s": seconds}
+        results = self.results()
+        try:
+            for m, r in zip(self.members, results):
+                write_summary(m.run_dir / "summary.json", {"name": m.config.name, **r, **extra})
+            if self.group_dir is not None:
+                write_group_files(self.group_dir, results, [m.logger.rows if m.logger else [] for m in self.members],
+                                  {"name": self.config.name, "mode": "vectorized", **extra})
+        except OSError as e:
+            warnings.warn(f"could not write the run summary: {e}", stacklevel=2)
+        if self.config.train.plots:
+            from .plots import plot_runs
 
-    state = load_checkpoint(path)["model"]
-    modes = {name: m.weight_mode for name, m in binary_modules(model)}
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(
-            f"model.init_from={source}: its weights do not fit the model the recipe builds "
-            f"({str(e).splitlines()[0]}); use the same model.name and model.kwargs"
-        ) from None
-    # Weights only: the layers keep the weight mode this recipe builds (a Bop run's ±1 weights
-    # become latent weights for Adam; latent weights are binarised by a flip optimizer).
-    for name, m in binary_modules(model):
-        if m.weight_mode != modes[name]:
-            m.set_weight_mode(modes[name])
-
-
-def load_run(
-    run_dir: str | os.PathLike, checkpoint: str = "best", map_location: str | torch.device = "cpu"
-) -> tuple[Config, nn.Module]:
-    """Load a trained model: ``(config, model)`` with the weights of ``best`` or ``last``.
-
-    Args:
-        run_dir: a run folder written by the trainer, or a checkpoint file.
-        checkpoint: ``"best"`` (highest test accuracy; falls back to ``last`` when no evaluation
-            happened) or ``"last"``.
-
-    Returns:
-        The run's config and the model (in eval mode on ``map_location``).
-
-    Raises:
-        CheckpointError: no such run, or a corrupt checkpoint.
-    """
-    path = resolve_checkpoint(run_dir, checkpoint)
-    return model_from_checkpoint(load_checkpoint(path, map_location=map_location), path, run_dir, map_location)
-
-
-def model_from_checkpoint(
-    ckpt: dict, path: str | os.PathLike, run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> tuple[Config, nn.Module]:
-    """``(config, model)`` from an already loaded checkpoint ``ckpt`` read from ``path`` (see :func:`load_run`)."""
-    raw = ckpt.get("config")
-    cfg_file = Path(run_dir) / "config.yaml"
-    if raw is None and cfg_file.is_file():
-        config = load_config(cfg_file)
-    elif isinstance(raw, dict):
-        config = load_config(raw)
-    else:
-        raise CheckpointError(f"{path} holds no config; it was not written by flipnet train")
-    meta = ckpt.get("meta") or {}
-    if "num_classes" not in meta or "input_shape" not in meta:
-        raise CheckpointError(f"{path} lacks the model metadata (num_classes, input_shape); it was not written by flipnet train")
-    model = build_model(config, int(meta["num_classes"]), [int(v) for v in meta["input_shape"]])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: weights do not fit model {config.model.name!r} ({str(e).splitlines()[0]})") from None
-    model.to(map_location).eval()
-    return config, model
+            try:  # never lose a run over a plot
+                for m in self.members:
+                    if m.logger and m.logger.rows:
+                        plot_runs([m.run_dir], m.run_dir / "plots")
+                if self.group_dir is not None:
+                    plot_runs([m.run_dir for m in self.members], self.group_dir / "plots", [m.label for m in self.members])
+            except (OSError, ValueError, RuntimeError) as e:
+                warnings.warn(f"could not draw the plots of {self.group_dir or self.run_dir}: {e}", stacklevel=2)

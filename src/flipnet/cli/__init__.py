@@ -1,10 +1,13 @@
-"""The ``flipnet`` command: one ``argparse`` parser, sub-commands contributed by feature modules.
+"""The ``flipnet`` command: one ``argparse`` parser, sub-commands contributed by command modules.
 
-Each feature module exposes ``register_cli(subparsers)``: :mod:`flipnet.train.cli` (``train``,
-``eval``, ``recipes``, ``plot``), :mod:`flipnet.analysis.cli` and :mod:`flipnet.compress.cli`.
+Each module named in :data:`COMMAND_MODULES` defines ``register(subparsers) -> None`` and imports
+only the standard library and :mod:`flipnet.errors` at module level; the heavy modules (torch,
+the trainer, the exporters) are imported inside the command functions. So ``flipnet --help``,
+``flipnet --version`` and ``flipnet recipes`` import no torch and answer at once.
+
 Errors caused by bad input (:class:`flipnet.errors.FlipnetError`) are printed as one line without
-a traceback and exit with status 2; Ctrl-C exits with status 130, a closed output pipe
-(``flipnet recipes | head -1``) quietly with status 141.
+a traceback and exit with status 2; Ctrl-C exits with status 130, SIGTERM with 143 (after the
+trainer saved), a closed output pipe (``flipnet recipes | head -1``) quietly with status 141.
 """
 
 from __future__ import annotations
@@ -15,39 +18,24 @@ import os
 import sys
 from typing import Sequence
 
-from flipnet import __version__
+from flipnet._version import __version__
 from flipnet.errors import FlipnetError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
 #: Modules that contribute sub-commands, in the order they appear in ``flipnet --help``.
-CLI_MODULES: tuple[str, ...] = ("flipnet.train.cli", "flipnet.analysis.cli", "flipnet.compress.cli")
-
-
-def _optional_module(name: str):  # type: ignore[no-untyped-def]
-    """Import ``name``; ``None`` only when that module (or its package) does not exist yet."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        parts = name.split(".")
-        missing_self = {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
-        if e.name in missing_self:
-            return None
-        raise
+COMMAND_MODULES: tuple[str, ...] = ("flipnet.cli.train", "flipnet.cli.results", "flipnet.cli.analysis", "flipnet.cli.compress", "flipnet.cli.hparams")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``flipnet`` argument parser with every available sub-command."""
-    parser = argparse.ArgumentParser(
-        prog="flipnet",
-        description="Train, understand and compress binary neural networks.",
-    )
+    """The ``flipnet`` argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="flipnet", description="Train, understand and compress binary neural networks.")
     parser.add_argument("--version", action="version", version=f"flipnet {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in CLI_MODULES:
-        module = _optional_module(name)
-        if module is not None:
-            module.register_cli(subparsers)
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(name)
+        register = getattr(module, "register", None) or module.register_cli  # register_cli: modules not moved to flipnet.cli yet
+        register(subparsers)
     return parser
 
 

@@ -1,26 +1,26 @@
-"""The ``train``, ``eval``, ``recipes`` and ``plot`` sub-commands of ``flipnet``.
+"""The ``train``, ``eval`` and ``recipes`` sub-commands of ``flipnet`` (``plot`` is in :mod:`flipnet.cli.results`).
 
 ::
 
-    flipnet train [RECIPE] [key.sub=value ...] [--resume RUN] [--out DIR]
+    flipnet train [RECIPE] [key.sub=value ...] [--resume RUN [--force]] [--out DIR]
     flipnet eval RUN [--checkpoint best|last] [--data.root DIR] [--device DEV]
     flipnet recipes
-    flipnet plot RUN [RUN ...] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from flipnet.errors import ConfigError
 
-__all__ = ["register_cli", "cmd_train", "cmd_eval", "cmd_recipes", "cmd_plot"]
+__all__ = ["register", "cmd_train", "cmd_eval", "cmd_recipes"]
 
 
-def register_cli(subparsers: Any) -> None:
+def register(subparsers: Any) -> None:
     """Add the training sub-commands to the ``flipnet`` parser's ``subparsers``."""
     p = subparsers.add_parser(
         "train",
@@ -33,7 +33,9 @@ def register_cli(subparsers: Any) -> None:
     )
     p.add_argument("args", nargs="*", metavar="RECIPE|KEY=VALUE",
                    help="recipe name or path (optional, first), then key.sub=value overrides")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from checkpoints/last.pt")
+    p.add_argument("--resume", metavar="RUN", help="continue the run (or multi-seed group) in this folder from checkpoints/last.pt")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: accept overrides that change the training trajectory (seed, batch size, epochs, ...)")
     p.add_argument("--out", metavar="DIR", help="parent folder of the run folder (same as output.dir=DIR)")
     p.set_defaults(func=cmd_train)
 
@@ -48,12 +50,6 @@ def register_cli(subparsers: Any) -> None:
 
     p = subparsers.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
     p.set_defaults(func=cmd_recipes)
-
-    p = subparsers.add_parser("plot", help="draw loss, accuracy and flip-ratio curves of runs",
-                              description="Draw loss.png, accuracy.png and flip_ratio.png; several runs are overlaid.")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/plots for one run, ./plots for several)")
-    p.set_defaults(func=cmd_plot)
 
 
 def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -74,12 +70,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
     """``flipnet train``: build the config, then train one seed, several seeds, or resume."""
     from flipnet.train.config import load_config
     from flipnet.train.distributed import cleanup_distributed, env_world_size
-    from flipnet.train.loop import Trainer
 
     recipe, overrides = _split_train_args(ns.args)
     if ns.out:
         # Quoted (JSON is YAML): a folder named 2024, yes or null stays a string.
         overrides.append(f"output.dir={json.dumps(ns.out)}")
+    if ns.force and not ns.resume:
+        raise ConfigError("--force only applies to --resume RUN")
     if ns.resume:
         if recipe is not None:
             raise ConfigError("give either a recipe or --resume RUN (a resumed run uses its own config.yaml), not both")
@@ -87,15 +84,18 @@ def cmd_train(ns: argparse.Namespace) -> int:
             raise ConfigError("--out cannot move a resumed run; it continues in its own folder")
         cfg_file = Path(ns.resume) / "config.yaml"
         if not cfg_file.is_file():
-            raise ConfigError(f"{ns.resume} has no config.yaml; --resume needs a run folder written by flipnet train")
+            from flipnet.train.checkpoint import inner_runs_hint
+
+            raise ConfigError(f"{ns.resume} has no config.yaml; --resume needs a run folder written by flipnet train"
+                              f".{inner_runs_hint(ns.resume)}")
         config = load_config(cfg_file, overrides)
         if config.seeds is not None and len(config.seeds) > 1:
-            raise ConfigError("--resume continues one run; several seeds (seeds=[...]) cannot be resumed together")
-        try:
-            Trainer(config, resume=ns.resume).fit()
-        finally:
-            cleanup_distributed()
-        return 0
+            from flipnet.train.multi import train_seeds
+
+            results = train_seeds(config, list(config.seeds), vectorize=True, run_dir=ns.resume, resume=True, force=ns.force)
+            _print_seed_summary(list(config.seeds), results)
+            return 0
+        return _fit(config, resume=ns.resume, force=ns.force, cleanup=cleanup_distributed)
     config = load_config(recipe, overrides)
     seeds = config.seeds
     if seeds is not None and len(seeds) > 1:
@@ -106,13 +106,26 @@ def cmd_train(ns: argparse.Namespace) -> int:
         results = train_seeds(config, list(seeds))
         _print_seed_summary(seeds, results)
         return 0
-    if seeds is not None:
-        config.seed = seeds[0]
-        config.seeds = None
+    return _fit(config, resume=None, force=False, cleanup=cleanup_distributed)
+
+
+def _fit(config: Any, *, resume: str | None, force: bool, cleanup: Any) -> int:
+    """One run; SIGTERM (after the trainer saved) exits with 143, Ctrl-C with 130."""
+    import signal
+
+    from flipnet.train.loop import Trainer
+
+    trainer = None
     try:
-        Trainer(config).fit()
+        trainer = Trainer.from_config(config, resume=resume, force=force)
+        trainer.fit()
+    except KeyboardInterrupt:
+        if trainer is not None and trainer.stop_signal == signal.SIGTERM:
+            print("flipnet: terminated", file=sys.stderr)
+            return 143
+        raise
     finally:
-        cleanup_distributed()
+        cleanup()
     return 0
 
 
@@ -127,9 +140,9 @@ def _print_seed_summary(seeds: list[int], results: list[dict[str, Any]]) -> None
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     """``flipnet eval``: load a run's checkpoint and print its test accuracy."""
+    from flipnet.train.build import amp_dtype, build_data, build_loader, model_from_checkpoint, resolve_device
     from flipnet.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from flipnet.train.distributed import DistInfo
-    from flipnet.train.loop import _amp_dtype, _make_loader, evaluate, load_data, model_from_checkpoint, resolve_device
+    from flipnet.train.loop import evaluate
 
     if ns.batch_size is not None and ns.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {ns.batch_size}")
@@ -139,10 +152,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     config, model = model_from_checkpoint(ckpt, path, ns.run, device)
     if ns.data_root is not None:
         config.data.root = ns.data_root
-    bundle = load_data(config)
-    loader = _make_loader(bundle, "test", ns.batch_size or config.data.eval_batch_size, train=False,
-                          device=device, augment=False, seed=config.seed, dist_info=DistInfo())
-    result = evaluate(model, loader, device, _amp_dtype(config.train.amp, device))
+    bundle = build_data(config)
+    loader = build_loader(bundle, "test", ns.batch_size or config.data.eval_batch_size, train=False,
+                          device=device, seed=config.seed)
+    result = evaluate(model, loader, device, amp_dtype(getattr(config.train, "precision", config.train.amp), device))
     epoch = ckpt.get("epoch")
     print(f"test accuracy {result['acc']:.4f} (loss {result['loss']:.4f}, {result['n']} examples; "
           f"{path}, epoch {epoch})")
@@ -158,13 +171,4 @@ def cmd_recipes(ns: argparse.Namespace) -> int:
     for name, description in recipes.items():
         mark = " (default)" if name == DEFAULT_RECIPE else ""
         print(f"{name:<{width}}  {description}{mark}")
-    return 0
-
-
-def cmd_plot(ns: argparse.Namespace) -> int:
-    """``flipnet plot``: draw the curves and print the files written."""
-    from flipnet.train.plots import plot_runs
-
-    for path in plot_runs(ns.runs, ns.out):
-        print(path)
     return 0
