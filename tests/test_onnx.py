@@ -211,3 +211,24 @@ def test_binarynet_on_cifar_images() -> None:
     got = run_ort(export_onnx(model, None, input_shape=(3, 32, 32)), x)
     np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
     np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+
+
+def test_cli_export_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flipnet.cli import main
+
+    assert main(["train", "digits_bop", "train.epochs=1", "model.kwargs.hidden_sizes=[32]", "--out", str(tmp_path)]) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "same predictions: True" in out and (run / "export.onnx").is_file()
+    assert not (run / "export.safetensors").exists()  # the default format is only written when asked for
+    x, _ = digits("test", 1)
+    from flipnet.train import load_run
+
+    _, model = load_run(run, "best", map_location="cpu")
+    got = run_ort(onnx.load(str(run / "export.onnx")), x)
+    np.testing.assert_allclose(got, logits(model.eval(), x).numpy(), atol=TOL, rtol=0)
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--no-verify"]) == 0
+    assert (tmp_path / "m.onnx").is_file()
+    assert main(["export", str(run)]) == 0 and (run / "export.safetensors").is_file()

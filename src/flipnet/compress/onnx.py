@@ -76,6 +76,8 @@ __all__ = [
     "DEFAULT_OPSET",
     "QONNX_DOMAIN",
     "export_onnx",
+    "export_run_onnx",
+    "default_onnx_path",
     "register_onnx_handler",
     "OnnxGraph",
 ]
@@ -791,3 +793,82 @@ def _max_ir_version(opset: int) -> int:
         if default_opset >= opset:
             best = ir if best is None else min(best, ir)
     return best if best is not None else helper.VERSION_TABLE[-1][1]
+
+
+def default_onnx_path(run: str | Path, format: str = "onnx") -> Path:
+    """``RUN/export.onnx`` (``RUN/export.qonnx.onnx`` for QONNX) for a run folder, else the
+    checkpoint path with that suffix."""
+    run = Path(run)
+    name = "export.onnx" if format == "onnx" else "export.qonnx.onnx"
+    return run / name if run.is_dir() else run.with_suffix(".onnx" if format == "onnx" else ".qonnx.onnx")
+
+
+def export_run_onnx(
+    model: nn.Module,
+    run: str | Path,
+    out: str | Path | None = None,
+    format: str = "onnx",
+    *,
+    metadata: dict[str, Any] | None = None,
+    verify: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> int:
+    """What ``flipnet export RUN --format onnx|qonnx`` does with a loaded run: write the graph,
+    run it on 8 random inputs (ONNX Runtime, or QONNX's executor) and compare the logits.
+
+    Prints one line per step; returns the exit status (1 when the graph does not reproduce the
+    model). Raises :class:`~flipnet.errors.ConfigError` when the model records no input shape or
+    the runtime is not installed, and :class:`~flipnet.errors.ExportFormatError` for a layer that
+    cannot be exported.
+    """
+    from ..errors import ConfigError, ExportFormatError
+
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise ConfigError("this model does not record its input shape, so it cannot be exported to ONNX")
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ConfigError("ONNX export needs the onnx package: pip install onnx onnxruntime (or flipnet[onnx])") from None
+    path = Path(out) if out is not None else default_onnx_path(run, format)
+    try:
+        proto = export_onnx(model, path, input_shape=tuple(shape), format=format, opset=opset, metadata=metadata)
+    except ValueError as err:
+        raise ExportFormatError(str(err)) from None
+    n_quant = sum(n.op_type == "BipolarQuant" for n in proto.graph.node)
+    folds = json.loads({p.key: p.value for p in proto.metadata_props}["flipnet"])["folds"]
+    what = f"{len(folds)} BatchNorm layers folded into thresholds" if format == "onnx" else f"{n_quant} BipolarQuant nodes"
+    print(f"wrote {path}: {path.stat().st_size:,} bytes, {format} (opset {opset}, {len(proto.graph.node)} nodes; {what})")
+    if not verify:
+        return 0
+    g = torch.Generator().manual_seed(0)
+    batch = 8 if format == "onnx" else 1
+    x = torch.rand((batch, *shape), generator=g) * 2 - 1
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    if format == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            print("not verified: onnxruntime is not installed (pip install onnxruntime)")
+            return 0
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"input": x.numpy()})[0]
+        runtime = "onnxruntime"
+    else:
+        try:
+            from qonnx.core.modelwrapper import ModelWrapper
+            from qonnx.core.onnx_exec import execute_onnx
+        except ImportError:
+            print("not verified: qonnx is not installed (pip install qonnx)")
+            return 0
+        got = execute_onnx(ModelWrapper(proto), {"input": x.numpy()})["logits"]
+        runtime = "qonnx's executor"
+    diff = float(abs(ref - got).max())
+    same = bool((ref.argmax(1) == got.argmax(1)).all())
+    print(f"verified with {runtime} on {batch} random input{'s' if batch > 1 else ''}: max |logit difference| {diff:.3g}, "
+          f"same predictions: {same}")
+    if not same or diff > 1e-3:
+        print("warning: the ONNX graph does not reproduce the trained model; please report this")
+        return 1
+    return 0
