@@ -443,3 +443,45 @@ def test_cli_export_of_a_resnet20_run(tmp_path: Path, capsys: pytest.CaptureFixt
     x = torch.rand(5, 1, 8, 8) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(load_exported(out)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_export_never_overwrites_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flipnet.cli import main
+    from flipnet.train import load_config
+    from flipnet.train.checkpoint import save_checkpoint
+    from flipnet.train.config import config_to_dict
+
+    model = randomize_bn(create_model("binary_mlp", num_classes=10, in_channels=1, input_size=8, hidden_sizes=[32, 32]))
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.pt"
+    save_checkpoint(last, {"model": model.state_dict(), "config": config_to_dict(load_config("digits_bop", [
+        "model.kwargs.hidden_sizes=[32,32]"])), "epoch": 1, "step": 1, "meta": {"num_classes": 10, "input_shape": [1, 8, 8]}})
+    before = last.read_bytes()
+    # the resumable checkpoint is never the output, --force or not
+    for extra in ([], ["--force"]):
+        assert main(["export", str(run), "--checkpoint", "last", "--out", str(last), *extra]) == 2
+        assert "checkpoint being exported" in capsys.readouterr().err
+    assert last.read_bytes() == before
+    out = run / "export.safetensors"
+    assert main(["export", str(run), "--checkpoint", "last"]) == 0
+    first = out.read_bytes()
+    assert main(["export", str(run), "--checkpoint", "last"]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert main(["export", str(run), "--checkpoint", "last", "--force"]) == 0
+    assert out.read_bytes() == first  # same model, same file
+
+
+def test_cli_summary_refuses_export_files_and_wrong_input_sizes(tmp_path: Path, good_file: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from flipnet.cli import main
+
+    assert main(["summary", str(good_file)]) == 2
+    err = capsys.readouterr().err
+    assert "is a flipnet export" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(good_file.read_bytes()[:100])
+    assert main(["summary", str(broken)]) == 2
+    assert "truncated" in capsys.readouterr().err
+    assert main(["summary", "digits_bop", "--input-size", "1", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and len(err.strip().splitlines()) == 1
