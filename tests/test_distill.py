@@ -174,3 +174,38 @@ def test_a_few_distilled_steps_move_the_student_towards_the_teacher(tmp_path: Pa
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     assert loss_fn.teacher_logits(x_teacher).shape == (16, 4)
+
+
+def test_train_step_passes_the_batch_to_the_distillation_loss(tmp_path: Path) -> None:
+    from flipnet.optim import prepare_model_for
+    from flipnet.train.fast import make_train_step
+
+    _, teacher = _teacher_file(tmp_path, "plain")
+    teacher.eval()
+    torch.manual_seed(0)
+    student = create_model("binary_mlp", input_size=8, num_classes=4, hidden_sizes=(32,))
+    prepare_model_for(student, binary="adam", real="adam")
+    opt = create_optimizer(student, binary="adam", binary_kwargs={"lr": 1e-2}, real="adam", real_kwargs={"lr": 1e-2})
+    loss_fn = DistillationLoss(teacher)
+    step = make_train_step(student, opt, loss_fn)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
+    with torch.no_grad():
+        expected = distribution_loss(student(x), teacher(x))
+    sums = [float(step(x, y)[0]) / 32 for _ in range(6)]
+    assert sums[0] == pytest.approx(float(expected), rel=1e-5)  # the step's loss is the distillation loss
+    assert sums[-1] < sums[0]
+
+
+def test_loss_from_config(tmp_path: Path) -> None:
+    from flipnet.train.config import load_config
+    from flipnet.train.distill import loss_from_config
+
+    path, _ = _teacher_file(tmp_path, "plain")
+    assert loss_from_config(load_config("digits_bop"), None) is None
+    cfg = load_config("digits_bop", [
+        "train.distill.teacher=binary_mlp", f"train.distill.checkpoint={path}", "train.distill.temperature=2",
+        "train.distill.teacher_kwargs={mode: float, input_size: 8, hidden_sizes: [16]}",
+    ])
+    data4 = type("D", (), {"num_classes": 4, "input_shape": (1, 8, 8), "task": "classification"})()
+    loss = loss_from_config(cfg, data4)
+    assert isinstance(loss, DistillationLoss) and loss.temperature == 2.0 and loss.takes_input

@@ -38,6 +38,7 @@ from flipnet.errors import ConfigError
 __all__ = [
     "Config",
     "DataConfig",
+    "DistillConfig",
     "ModelConfig",
     "OptimConfig",
     "ScheduleConfig",
@@ -160,6 +161,24 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """``train.distill:`` knowledge distillation from a real-valued teacher (``flipnet.train.distill``)."""
+
+    #: teacher model: a flipnet registry name or ``torchvision:<name>``; ``null``: no distillation.
+    teacher: str | None = None
+    #: keyword arguments of the teacher's builder (``num_classes``/``in_channels`` come from the data).
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: the teacher's weights: a run folder, a flipnet checkpoint, a .pth/.pt or .safetensors file.
+    checkpoint: str | None = None
+    #: w in w * distillation loss + (1 - w) * label cross-entropy; 1 = distillation only (ReActNet).
+    weight: float = 1.0
+    #: softmax temperature T (the loss is scaled by T^2).
+    temperature: float = 1.0
+    #: ``cross_entropy`` (ReActNet's value) or ``kl`` (minus the teacher's entropy; same gradient).
+    kind: str = "cross_entropy"
+
+
+@dataclass
 class TrainConfig:
     """``train:`` the training loop."""
 
@@ -197,6 +216,8 @@ class TrainConfig:
     tensorboard: _AutoBool = "auto"
     #: draw loss/accuracy/flip-ratio plots into RUN/plots at the end of the run.
     plots: bool = True
+    #: distillation from a real-valued teacher (off unless ``distill.teacher`` is set).
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def amp(self) -> bool | str:
@@ -464,6 +485,15 @@ def _check_values(obj: Any, where: str) -> None:
         dev = obj.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"{_join(where, 'device')} must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    elif isinstance(obj, DistillConfig):
+        if obj.teacher is not None and obj.checkpoint is None:
+            raise ConfigError(f"{_join(where, 'checkpoint')} is required with a teacher: flipnet cannot download weights")
+        if not 0.0 <= obj.weight <= 1.0:
+            raise ConfigError(f"{_join(where, 'weight')} must be in [0, 1], got {obj.weight!r}")
+        if not obj.temperature > 0:
+            raise ConfigError(f"{_join(where, 'temperature')} must be positive, got {obj.temperature!r}")
+        if obj.kind not in ("cross_entropy", "kl"):
+            raise ConfigError(f"{_join(where, 'kind')} must be cross_entropy or kl, got {obj.kind!r}")
     elif isinstance(obj, OptimConfig):
         _positive(obj, where, "weight_clip")
         obj.binary = obj.binary.strip().lower()

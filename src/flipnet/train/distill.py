@@ -67,6 +67,7 @@ __all__ = [
     "build_teacher",
     "load_teacher_weights",
     "read_state_dict",
+    "loss_from_config",
 ]
 
 #: Values of ``kind``.
@@ -288,6 +289,9 @@ class DistillationLoss(nn.Module):
         weight, temperature, kind: as in :class:`DistillSpec`.
     """
 
+    #: :func:`flipnet.train.fast.make_train_step` passes the input batch to losses that say so.
+    takes_input = True
+
     def __init__(self, teacher: nn.Module, *, weight: float = 1.0, temperature: float = 1.0, kind: str = "cross_entropy") -> None:
         super().__init__()
         DistillSpec(teacher="x", checkpoint="x", weight=weight, temperature=temperature, kind=kind).validate()
@@ -320,3 +324,18 @@ class DistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         t = type(self.__dict__["teacher"]).__name__
         return f"teacher={t}, weight={self.weight:g}, temperature={self.temperature:g}, kind={self.kind}"
+
+
+def loss_from_config(config: Any, data: Any, device: torch.device | str = "cpu") -> DistillationLoss | None:
+    """The training loss a recipe asks for: a :class:`DistillationLoss` when ``train.distill.teacher``
+    is set (the teacher built for ``data``'s classes and channels, on ``device``), else ``None``
+    (plain cross-entropy).
+    """
+    section = getattr(getattr(config, "train", None), "distill", None)
+    spec = DistillSpec.from_config(section)
+    if not spec.enabled:
+        return None
+    if getattr(data, "task", "classification") != "classification":
+        raise ConfigError("train.distill needs a classification data set (the teacher's class distribution)")
+    in_channels = int(data.input_shape[0])
+    return DistillationLoss.from_spec(spec, num_classes=int(data.num_classes), in_channels=in_channels, device=device)

@@ -328,7 +328,8 @@ class TrainStep:
     def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         with self._autocast(x.device.type):
             out = self.forward_module(x)
-            loss = self.loss_fn(out, y)
+            # a loss that declares ``takes_input = True`` (distillation: the teacher runs on x) gets the batch too
+            loss = self.loss_fn(out, y, x) if getattr(self.loss_fn, "takes_input", False) else self.loss_fn(out, y)
         if self._scaler is not None:
             self._scaler.scale(loss).backward()
             if self.grad_clip is not None:
