@@ -72,6 +72,18 @@ def test_binary_layers_use_pm1_weights_and_folded_thresholds() -> None:
     assert thr and all(np.array_equal(t, np.round(t)) for t in thr)
 
 
+def test_bit_packed_weights_give_the_same_outputs_in_a_smaller_file() -> None:
+    model, shape = trained("binarynet")
+    x, _ = digits("test", MODELS["binarynet"][2])
+    plain = export_onnx(model, None, input_shape=shape)
+    packed = export_onnx(model, None, input_shape=shape, weight_storage="bits")
+    assert "BitShift" in ops(packed) and "BitShift" not in ops(plain)
+    np.testing.assert_array_equal(run_ort(packed, x), run_ort(plain, x))
+    assert len(packed.SerializeToString()) * 5 < len(plain.SerializeToString())
+    with pytest.raises(ValueError, match="weight_storage"):
+        export_onnx(model, None, input_shape=shape, format="qonnx", weight_storage="bits")
+
+
 def test_dynamic_batch_and_fixed_batch() -> None:
     model, shape = trained("binary_mlp")
     x, _ = digits("test", 1)

@@ -113,6 +113,7 @@ class OnnxGraph:
     opset: int
     fold_batchnorm: bool
     batch: int | None
+    weight_storage: str = "float"
     nodes: list[Any] = field(default_factory=list)
     initializers: list[Any] = field(default_factory=list)
     value_info: list[Any] = field(default_factory=list)
@@ -157,7 +158,8 @@ class OnnxGraph:
         dims: list[Any] = list(example.shape)
         if dims and batched:
             dims[0] = self.batch if self.batch is not None else "N"
-        elem = {torch.float32: TensorProto.FLOAT, torch.bool: TensorProto.BOOL, torch.int64: TensorProto.INT64}[example.dtype]
+        elem = {torch.float32: TensorProto.FLOAT, torch.bool: TensorProto.BOOL, torch.int64: TensorProto.INT64,
+                torch.uint8: TensorProto.UINT8}[example.dtype]
         return helper.make_tensor_value_info(name, elem, dims)
 
     def node(self, op: str, inputs: Sequence[str], hint: str, example: Tensor, *, domain: str = "",
@@ -451,7 +453,39 @@ def _weight_input(g: OnnxGraph, wt: _Weights, name: str, transpose: bool = False
         ex = w if mag is None else w * mag.reshape((-1,) + (1,) * (w.dim() - 1))
         return g.node("BipolarQuant", [init, scale], name + ".weight_q", ex, domain=QONNX_DOMAIN, binary=mag is None,
                       batched=False).name
+    if wt.binary and g.weight_storage == "bits":
+        return _unpacked_weight(g, w, name)
     return g.const(name + ".weight", w)
+
+
+def _unpacked_weight(g: OnnxGraph, w: Tensor, name: str) -> str:
+    """±1 weight stored as bits (``numpy.packbits`` order along each output channel, bit 1 = +1,
+    as in the safetensors export) and unpacked by the graph: ``BitShift`` by 7..0, ``Mod 2``,
+    ``Cast``, ``2b - 1``. Every input is an initializer, so runtimes fold it once at load time."""
+    import numpy as np
+
+    o = w.shape[0]
+    m = w[0].numel()
+    bits = np.packbits((w.reshape(o, m) > 0).numpy().astype(np.uint8), axis=1)  # (O, ceil(M/8))
+    nbytes = bits.shape[1]
+    c = g.const(name + ".weight_bits", torch.from_numpy(bits).reshape(o, nbytes, 1), torch.uint8)
+    shifts = g.const("bit_shifts", torch.arange(7, -1, -1, dtype=torch.uint8), torch.uint8)
+    ex_u8 = torch.zeros((o, nbytes, 8), dtype=torch.uint8)
+    sh = g.node("BitShift", [c, shifts], name + ".weight_shift", ex_u8, batched=False, direction="RIGHT")
+    bit = g.node("Mod", [sh.name, g.const("two_u8", torch.tensor([2], dtype=torch.uint8), torch.uint8)], name + ".weight_bit",
+                 ex_u8, batched=False)
+    flat = g.node("Reshape", [bit.name, g.const(f"shape_{o}x{nbytes * 8}", [o, nbytes * 8], torch.int64)], name + ".weight_flat",
+                  torch.zeros((o, nbytes * 8), dtype=torch.uint8), batched=False)
+    if nbytes * 8 != m:
+        flat = g.node("Slice", [flat.name, g.const("zero_i64", [0], torch.int64), g.const(f"end_{m}", [m], torch.int64),
+                                g.const("one_i64", [1], torch.int64)], name + ".weight_cut",
+                      torch.zeros((o, m), dtype=torch.uint8), batched=False)
+    f = g.node("Cast", [flat.name], name + ".weight_float", torch.zeros((o, m)), batched=False, to=1)
+    two = g.node("Mul", [f.name, g.const("two", 2.0)], name + ".weight_2b", torch.zeros((o, m)), batched=False)
+    pm = g.node("Sub", [two.name, g.const("one", 1.0)], name + ".weight_pm1", torch.zeros((o, m)), batched=False)
+    out = g.node("Reshape", [pm.name, g.const("wshape_" + "x".join(map(str, w.shape)), list(w.shape), torch.int64)],
+                 name + ".weight", w, batched=False)
+    return out.name
 
 
 def _post_scale(g: OnnxGraph, wt: _Weights) -> Tensor | None:
@@ -696,6 +730,7 @@ def export_onnx(
     fold_batchnorm: bool = True,
     batch_size: int | None = None,
     metadata: dict[str, Any] | None = None,
+    weight_storage: str = "float",
 ) -> Any:
     """Write ``model`` (its eval-mode forward pass) as an ONNX or QONNX graph.
 
@@ -713,6 +748,10 @@ def export_onnx(
             ``"onnx"`` and 1 for ``"qonnx"`` (FINN needs fixed shapes).
         metadata: extra JSON-serialisable entries stored under the model's ``metadata_props``
             key ``flipnet`` (next to ``format``, ``opset``, ``input_shape`` and the folds).
+        weight_storage: ``"onnx"`` only: ``"float"`` (default) stores ±1 weights as float32
+            initializers; ``"bits"`` stores them packed 8 per byte (like the safetensors export)
+            and unpacks them with ``BitShift``/``Mod``/``Cast`` nodes that ONNX Runtime folds into
+            constants when the session is created (a ~32× smaller file, the same outputs).
 
     Returns:
         The ``onnx.ModelProto`` (checked with ``onnx.checker`` for ``"onnx"``).
@@ -736,7 +775,9 @@ def export_onnx(
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if batch_size is None and format == "qonnx":
         batch_size = 1
-    g = OnnxGraph(fmt=format, opset=opset, fold_batchnorm=bool(fold_batchnorm), batch=batch_size)
+    if weight_storage not in ("float", "bits") or (weight_storage == "bits" and format != "onnx"):
+        raise ValueError(f"weight_storage must be 'float' or 'bits' ('bits' for format='onnx' only), got {weight_storage!r}")
+    g = OnnxGraph(fmt=format, opset=opset, fold_batchnorm=bool(fold_batchnorm), batch=batch_size, weight_storage=weight_storage)
     was_training = model.training
     model.eval()
     try:
