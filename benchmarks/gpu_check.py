@@ -630,8 +630,10 @@ def sec_agreement(ctx: Ctx) -> None:
                      [[m["mode"], m.get("ran_as", ""), m["expected"], m["verdict"], m.get("first_step_loss_rel_diff"),
                        m.get("final_identical_fraction"), m.get("final_loss_gap"), m.get("final_loss_tolerance"),
                        m.get("error") or m.get("note", "")] for m in modes], 6)
-    bad = [m["mode"] for m in modes if m["verdict"] in ("mismatch", "error")
-           or (dev.type == "cuda" and m.get("as_expected") is False)]
+    unexpected = [m["mode"] for m in modes if m.get("as_expected") is False and m["verdict"] == "rounding"]
+    if unexpected and not smoke:  # e.g. graph replay not bit-identical to eager: rounding-sized, reported, not failed
+        ctx.sec["note"] = f"rounding-sized differences where identical numbers were expected: {', '.join(unexpected)}"
+    bad = [m["mode"] for m in modes if m["verdict"] in ("mismatch", "error")]
     if smoke and bad:  # tiny models on a CPU: the verdicts exercise the code, they judge nothing
         ctx.sec["note"] = f"smoke mode, verdicts not judged (would flag: {', '.join(bad)})"
     elif bad:
@@ -676,6 +678,7 @@ def _epoch_plan(smoke: bool, cuda: bool) -> list[tuple[str, str, str, int, int]]
     for mode in ("eager", "cuda_graphs"):
         for b in batches:
             add(("binarynet", "bf16", mode, 1, b))
+    add(("binarynet", "bf16", "compile+cuda_graphs", 1, 256))  # the fast run's configuration
     for b in (50, 256):
         for mode in ("eager", "cuda_graphs"):
             add(("binarynet", "bf16", mode, 3, b))
@@ -687,8 +690,9 @@ def _epoch_plan(smoke: bool, cuda: bool) -> list[tuple[str, str, str, int, int]]
         for b in batches:
             add(("float", "bf16", mode, 1, b))
     for mode in ("compile+cuda_graphs", "compile"):
-        for b in (256, 50, 1024):
-            add(("binarynet", "bf16", mode, 1, b))
+        for b in (50, 1024, 256):
+            if (mode, b) != ("compile+cuda_graphs", 256):
+                add(("binarynet", "bf16", mode, 1, b))
     add(("binarynet", "bf16", "compile+cuda_graphs", 3, 256))
     for prec in ("tf32", "fp32"):
         for b in batches:
@@ -813,42 +817,75 @@ def _member_metrics(out: Any, y: Any, loss: Any) -> tuple[Any, Any]:
     return per, (out.argmax(dim=2) == y).sum(dim=1)
 
 
-def _build_fast_run(cfg: Any, bundle: Any, seeds: list[int], dev: Any, smoke: bool) -> dict[str, Any]:
-    """The members of the recipe's run for each seed, as one wide network, with loaders and schedules."""
+def _build_fast_run(cfg: Any, seeds: list[int], dev: Any) -> dict[str, Any]:
+    """The recipe's run for each seed, as one wide network, with its loaders and schedules.
+
+    Data, model (``model.init`` included), optimizer and schedules come from the trainer's
+    builders (:mod:`flipnet.train.build`), so the members are what ``flipnet train`` would train;
+    where that module is missing, the same pieces are put together from the registries directly.
+    """
     import torch
 
-    from epoch_time import make_optimizer
-    from flipnet.data import make_loader
-    from flipnet.models import create_model
-    from flipnet.optim.schedules import scheduler_from_dict
     from flipnet.train.multi import SeedEnsemble, SeedOptimizer
 
-    cuda = dev.type == "cuda"
-    channels_last = cuda
+    try:
+        from flipnet.train import build as B
+    except ImportError:
+        B = None
+    channels_last = dev.type == "cuda"
+    if B is not None:
+        bundle = B.build_data(cfg)
+    else:
+        from flipnet.data import load_dataset, split_validation
+
+        bundle = split_validation(load_dataset(cfg.data.name, root=cfg.data.root, **dict(cfg.data.options)), cfg.data.val_size)
     models = []
     for s in seeds:
         torch.manual_seed(s)
-        models.append(create_model(cfg.model.name, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
-                                   **dict(cfg.model.kwargs)).to(dev))
+        if B is not None:
+            m = B.build_model(cfg, bundle.num_classes, bundle.input_shape)
+        else:
+            from flipnet.models import create_model
+
+            m = create_model(cfg.model.name, num_classes=bundle.num_classes, in_channels=bundle.in_channels, **dict(cfg.model.kwargs))
+        models.append(m.to(dev))
     ensemble = SeedEnsemble(models, channels_last=channels_last)
-    o = cfg.optim
-    opts = [make_optimizer(m, o.binary, dict(o.binary_kwargs), o.real, dict(o.real_kwargs)) for m in models]
+    if B is not None:
+        opts = [B.build_optimizer(cfg, m) for m in models]
+    else:
+        from epoch_time import make_optimizer
+
+        o = cfg.optim
+        opts = [make_optimizer(m, o.binary, dict(o.binary_kwargs), o.real, dict(o.real_kwargs)) for m in models]
     ensemble.sync_modes()
     seed_opt = SeedOptimizer(ensemble, opts, grad_clip=getattr(cfg.train, "grad_clip", None))
+    from flipnet.data import make_loader
+
     loaders = [make_loader(bundle, "train", cfg.data.batch_size, train=True, device=dev, augment=cfg.data.augment,
                            seed=s, drop_last=True) for s in seeds]
-    test_loader = make_loader(bundle, "test", cfg.data.eval_batch_size, train=False, device=dev, augment=False, seed=0)
+    evals = {}
+    for split in ("val", "test"):
+        try:
+            x, _ = bundle.split(split)
+        except (ValueError, KeyError):
+            continue
+        if x is not None and len(x):
+            evals[split] = make_loader(bundle, split, cfg.data.eval_batch_size, train=False, device=dev, augment=False, seed=0)
     steps_per_epoch = len(loaders[0])
     scheds = []
     for opt in opts:
-        member = []
-        for sc in cfg.optim.schedules:
-            spec = {"key": sc.key, "type": sc.type, "route": sc.route, "unit": sc.unit, **dict(sc.params)}
-            member.append(scheduler_from_dict(opt, spec, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch))
-        scheds.append(member)
+        if B is not None:
+            scheds.append(B.build_schedules(cfg, opt, steps_per_epoch))
+        else:
+            from flipnet.optim.schedules import scheduler_from_dict
+
+            scheds.append([scheduler_from_dict(opt, {"key": sc.key, "type": sc.type, "route": sc.route, "unit": sc.unit,
+                                                     **dict(sc.params)}, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch)
+                           for sc in cfg.optim.schedules])
     return {"models": models, "ensemble": ensemble, "opts": opts, "seed_opt": seed_opt, "loaders": loaders,
-            "test_loader": test_loader, "scheds": scheds, "steps_per_epoch": steps_per_epoch,
-            "channels_last": channels_last}
+            "evals": evals, "scheds": scheds, "steps_per_epoch": steps_per_epoch, "channels_last": channels_last,
+            "builders": "flipnet.train.build" if B is not None else "registries (no flipnet.train.build)",
+            "bundle": bundle}
 
 
 def _fast_state(run: dict[str, Any], epoch: int, curve: list[dict[str, Any]], train_s: float, key: dict[str, Any]) -> dict[str, Any]:
@@ -883,7 +920,8 @@ def _save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _evaluate(run: dict[str, Any], amp_dtype: Any, dev: Any) -> list[float]:
+def _evaluate(run: dict[str, Any], loader: Any, amp_dtype: Any, dev: Any) -> list[float]:
+    """Accuracy of every member on one split."""
     import torch
 
     ens = run["ensemble"]
@@ -892,7 +930,7 @@ def _evaluate(run: dict[str, Any], amp_dtype: Any, dev: Any) -> list[float]:
     n = 0
     try:
         with torch.no_grad():
-            for x, y in run["test_loader"]:
+            for x, y in loader:
                 ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else torch.autocast(dev.type, enabled=False)
                 with ctx:
                     out = ens(x, shared=True)
@@ -900,13 +938,20 @@ def _evaluate(run: dict[str, Any], amp_dtype: Any, dev: Any) -> list[float]:
                 n += y.shape[0]
     finally:
         ens.train()
-    return [float(v) / n for v in hits.cpu()]
+    return [float(v) / max(n, 1) for v in hits.cpu()]
 
 
 def sec_fast_run(ctx: Ctx) -> None:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        _fast_run(ctx, stack)
+
+
+def _fast_run(ctx: Ctx, stack: Any) -> None:
     import torch
 
-    from flipnet.data import load_dataset
+    from epoch_time import fp32_precision
     from flipnet.train.config import load_config
     from flipnet.train.fast import make_train_step
 
@@ -921,10 +966,11 @@ def sec_fast_run(ctx: Ctx) -> None:
     r["cifar10"] = str(found) if found else None
     r["cifar10_looked_in"] = looked
     if smoke:
-        cfg = load_config(FAST_RECIPE, ["model.kwargs={filters: 4, dense_units: 16}", "data.batch_size=20",
-                                        "data.eval_batch_size=50", "train.epochs=4"])
-        bundle = load_dataset("synthetic", num_train=100, num_test=50, shape=(3, 32, 32), num_classes=10)
-        r["data"] = "synthetic 100 train / 50 test images (smoke mode); CIFAR-10 " + (f"found at {found}" if found else "not found")
+        cfg = load_config(FAST_RECIPE, [
+            "data.name=synthetic", "data.options={num_train: 120, num_test: 50, shape: [3, 32, 32], num_classes: 10}",
+            "data.val_size=20", "model.kwargs={filters: 4, dense_units: 16}", "data.batch_size=20",
+            "data.eval_batch_size=50", "train.epochs=4", "train.precision=fp32"])
+        r["data"] = "synthetic 100 train / 20 val / 50 test images (smoke mode); CIFAR-10 " + (f"found at {found}" if found else "not found")
         per_call_epochs = 2
     else:
         if found is None:
@@ -932,24 +978,36 @@ def sec_fast_run(ctx: Ctx) -> None:
                 "CIFAR-10 not found (looked in " + ", ".join(looked) + "). Copy the offline folder "
                 "(cifar10_jpgs.tar.gz + labels_51000.npy, e.g. /work/shared/data/cifar10) to <repo>/data/cifar10 "
                 "and carry that path, or pass --data DIR")
-        cfg = load_config(FAST_RECIPE)
-        per_call_epochs = cfg.train.epochs
-        t0 = time.monotonic()
-        from flipnet.data.cifar10 import load_cifar10
+        from flipnet.data.cifar10 import is_offline_folder
 
-        bundle = load_cifar10(found, cache_dir=state_dir / "cifar10")
-        r["data_load_s"] = time.monotonic() - t0
-        r["data"] = f"CIFAR-10 from {found} ({bundle.info.get('source', 'pickles')})"
-        ctx.update()
-    amp_dtype = torch.bfloat16 if cuda else None
-    use_compile, use_graphs = cuda, cuda and bool(getattr(cfg.train, "cuda_graphs", True))
+        overrides = [f"data.root={json.dumps(str(found))}"]
+        if is_offline_folder(found):  # decoded once into the state folder, which a second call reuses
+            overrides.append(f"data.options={{cache_dir: {json.dumps(str(state_dir / 'cifar10'))}}}")
+        cfg = load_config(FAST_RECIPE, overrides)
+        per_call_epochs = cfg.train.epochs
+    precision = str(getattr(cfg.train, "precision", "bf16" if getattr(cfg.train, "amp", False) else "fp32"))
+    amp_dtype = torch.bfloat16 if cuda and precision in ("bf16", "auto") else None
+    tf32 = cuda and precision == "tf32"
+    use_compile = cuda if str(cfg.train.compile) == "auto" else bool(cfg.train.compile)
+    use_graphs = cuda and bool(getattr(cfg.train, "cuda_graphs", True))
+    if smoke:
+        use_compile = False  # compiling on a CPU takes tens of seconds
     key = {"recipe": FAST_RECIPE, "seeds": seeds, "model": dict(cfg.model.kwargs), "batch": cfg.data.batch_size,
-           "epochs": cfg.train.epochs, "device": dev.type, "smoke": smoke}
+           "epochs": cfg.train.epochs, "val_size": cfg.data.val_size, "device": dev.type, "smoke": smoke}
     r.update({"recipe": FAST_RECIPE, "seeds": seeds, "epochs_total": cfg.train.epochs, "batch_size": cfg.data.batch_size,
-              "precision": "bf16" if amp_dtype is not None else "fp32", "compile": use_compile, "cuda_graphs": use_graphs,
-              "checkpoint": str(ckpt_path), "target_acc": TARGET_ACC})
+              "precision": "bf16" if amp_dtype is not None else ("tf32" if tf32 else "fp32"), "compile": use_compile,
+              "cuda_graphs": use_graphs, "checkpoint": str(ckpt_path), "target_acc": TARGET_ACC})
+    if tf32:
+        stack.enter_context(fp32_precision(True))
     t_build = time.monotonic()
-    run = _build_fast_run(cfg, bundle, seeds, dev, smoke)
+    run = _build_fast_run(cfg, seeds, dev)
+    bundle = run.pop("bundle")
+    r["build_s"] = time.monotonic() - t_build
+    r["builders"] = run["builders"]
+    r["splits"] = {k: len(bundle.split(k)[0]) for k in ("train", "val", "test") if k == "train" or k in run["evals"]}
+    if not smoke:
+        r["data"] = f"CIFAR-10 from {found} ({bundle.info.get('source', 'pickles')}); splits {r['splits']}"
+    ctx.update()
     start_epoch, curve, train_s = 0, [], 0.0
     r["resumed_from_epoch"] = None
     if ckpt_path.is_file():
@@ -1004,7 +1062,7 @@ def sec_fast_run(ctx: Ctx) -> None:
                 if getattr(sc, "unit", "step") == "epoch":
                     sc.step()
         t1 = time.monotonic()
-        acc = _evaluate(run, amp_dtype, dev)
+        accs = {split: _evaluate(run, loader, amp_dtype, dev) for split, loader in run["evals"].items()}
         eval_s = time.monotonic() - t1
         epoch += 1
         train_s += dt
@@ -1014,7 +1072,8 @@ def sec_fast_run(ctx: Ctx) -> None:
             raise SectionFailed(f"the training loss became NaN/inf in epoch {epoch}")
         curve.append({"epoch": epoch, "train_s": dt, "eval_s": eval_s, "cumulative_train_s": train_s,
                       "first_of_call": len(epoch_times) == 1, "train_loss": [v / n for v in tot[0]],
-                      "train_acc": [v / n for v in tot[1]], "test_acc": acc, "mean_test_acc": statistics.fmean(acc)})
+                      "train_acc": [v / n for v in tot[1]],
+                      **{f"{k}_acc": v for k, v in accs.items()}, **{f"mean_{k}_acc": statistics.fmean(v) for k, v in accs.items()}})
         ctx.update()
         if time.monotonic() - last_save > 60.0 or smoke:
             _save(_fast_state(run, epoch, curve, train_s, key), ckpt_path)
@@ -1027,9 +1086,13 @@ def sec_fast_run(ctx: Ctx) -> None:
 
 
 def _fast_summary(ctx: Ctx, cfg: Any, curve: list[dict[str, Any]], start_epoch: int) -> None:
+    """Time to the target: the first epoch whose mean *validation* accuracy reaches it (test
+    accuracy when the recipe holds out no validation split), with the test accuracy there."""
     r = ctx.result
     total = cfg.train.epochs
-    reached = next((c for c in curve if c["mean_test_acc"] >= TARGET_ACC), None)
+    sel = "val" if curve and "mean_val_acc" in curve[0] else "test"
+    r["target_judged_on"] = sel
+    reached = next((c for c in curve if c.get(f"mean_{sel}_acc", -1.0) >= TARGET_ACC), None)
     steady = [c["train_s"] for c in curve if not c.get("first_of_call")] or [c["train_s"] for c in curve]
     per_epoch = statistics.median(steady) if steady else None
     r["seconds_per_epoch"] = per_epoch
@@ -1039,27 +1102,33 @@ def _fast_summary(ctx: Ctx, cfg: Any, curve: list[dict[str, Any]], start_epoch: 
     if reached is not None:
         r["time_to_target_s"] = reached["cumulative_train_s"]
         r["target_reached_at_epoch"] = reached["epoch"]
-        verdict = (f"mean test accuracy reached {TARGET_ACC:.0%} at epoch {reached['epoch']} after "
-                   f"{reached['cumulative_train_s']:.0f} s of training (compilation in each call's first epoch included)")
+        r["test_acc_at_target"] = reached.get("mean_test_acc")
+        verdict = (f"mean {sel} accuracy reached {TARGET_ACC:.0%} at epoch {reached['epoch']} after "
+                   f"{reached['cumulative_train_s']:.0f} s of training (each call's first epoch includes compilation); "
+                   f"mean test accuracy there {_fmt(reached.get('mean_test_acc'), 4)}")
     else:
         done = curve[-1]["epoch"] if curve else 0
-        last = f", mean test accuracy {curve[-1]['mean_test_acc']:.4f}" if curve else ""
+        last = (f", mean {sel} accuracy {curve[-1].get(f'mean_{sel}_acc', float('nan')):.4f}, test "
+                f"{curve[-1].get('mean_test_acc', float('nan')):.4f}") if curve else ""
         verdict = (f"{TARGET_ACC:.0%} not reached in {done} of {total} epochs{last}; at {_fmt(per_epoch, 1)} s per epoch "
                    f"one uninterrupted run of the recipe's {total} epochs takes about {_fmt(r.get('projected_recipe_s'), 0)} s "
                    f"of training (whether it reaches {TARGET_ACC:.0%} is not known until it has run)")
     r["verdict"] = verdict
     ctx.md += [f"Recipe `{FAST_RECIPE}`, seeds {r['seeds']} as one wide network, batch {r['batch_size']}, "
                f"{r['precision']}, compile {r['compile']}, CUDA graphs {r['cuda_graphs']} (ran as {r.get('ran_as')}); "
-               f"data: {r.get('data')}; checkpoint `{r['checkpoint']}`"
+               f"built with {r.get('builders')}; data: {r.get('data')}; checkpoint `{r['checkpoint']}`"
                + (f"; resumed from epoch {start_epoch}" if start_epoch else "") + ".", "",
-               f"**{verdict}.** Test accuracy is the last epoch's (no model selection); the first epoch of a call "
-               "includes compilation and graph capture.", ""]
-    ctx.md += _table(["epoch", "train s", "cumulative s", "train loss (mean)", "test acc per seed", "mean test acc"],
-                     [[c["epoch"], c["train_s"], c["cumulative_train_s"], statistics.fmean(c["train_loss"]),
-                       " / ".join(f"{a:.4f}" for a in c["test_acc"]), c["mean_test_acc"]] for c in curve], 4)
+               f"**{verdict}.** The first epoch of each call includes compilation and graph capture; evaluation time "
+               "is not counted.", ""]
+    splits = [k for k in ("val", "test") if curve and f"{k}_acc" in curve[0]]
+    ctx.md += _table(["epoch", "train s", "cumulative s", "train loss (mean)"]
+                     + [f"{k} acc per seed" for k in splits] + [f"mean {k} acc" for k in splits],
+                     [[c["epoch"], c["train_s"], c["cumulative_train_s"], statistics.fmean(c["train_loss"])]
+                      + [" / ".join(f"{a:.4f}" for a in c[f"{k}_acc"]) for k in splits]
+                      + [c[f"mean_{k}_acc"] for k in splits] for c in curve], 4)
     if r.get("stopped"):
         ctx.md += ["", f"Stopped: {r['stopped']}. Run the kit again on the same machine (same `--state-dir`) to continue "
-                   "from the checkpoint."]
+                   "from the checkpoint (e.g. `--sections fast_run`)."]
 
 
 # ============================================================================ 6 packed inference
@@ -1159,13 +1228,15 @@ def sec_packed_inference(ctx: Ctx) -> None:
             try:
                 with torch.inference_mode():
                     for impl in _layer_impls(dev, tri):
+                        if impl == "torch" and cuda and b > 64:
+                            continue  # the PyTorch word-op fallback is far behind on a GPU and slow to time
                         try:
                             m.impl = impl
                             outs[impl] = m(xin)
                             row[f"{impl}_ms"] = _bench(lambda: m(xin), dev, reps=3 if smoke else 10, max_s=2.0) * 1e3
                         except Exception as e:  # noqa: BLE001 - record and go on
                             row[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    base = outs.get("torch")
+                    base = outs.get("torch", outs.get("float"))
                     row["all_equal"] = base is not None and all(torch.equal(o, base) for o in outs.values())
                     xs = torch.where(xin >= 0, 1.0, -1.0)
                     w = m.signs().to(dev)
