@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from flipnet.errors import CheckpointError
+from flipnet.errors import CheckpointError, ConfigError
 from flipnet.train import Callback, Trainer, load_checkpoint, load_config, load_run, save_checkpoint
 from flipnet.train.checkpoint import get_rng_state, resolve_checkpoint, set_rng_state
 from flipnet.train.plots import read_metrics
@@ -310,3 +310,110 @@ def test_rng_state_restores_from_a_checkpoint_loaded_onto_the_device() -> None:
 def test_malformed_rng_state_is_a_checkpoint_error() -> None:
     with pytest.raises(CheckpointError, match="RNG state is malformed"):
         set_rng_state({"torch": torch.zeros(3, dtype=torch.uint8)})
+
+
+def test_a_hostile_pickle_is_refused_without_advice_to_load_it_unsafely(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "flipnet-checkpoint", "version": 1, "model": {}, "epoch": 0, "step": 0, "x": Evil()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "refuses to load" in message and "\n" not in message
+    assert "weights_only" not in message and "trust" not in message.lower()
+
+
+def _finished(tmp_path: Path, name: str = "done", *extra: str) -> Path:
+    Trainer.from_config(_config(tmp_path, name, "train.epochs=2", *extra)).fit()
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    ("override", "keys"),
+    [("seed=5", "seed"), ("data.batch_size=16", "data.batch_size"),
+     ("optim.binary_kwargs.gamma=0.5", "optim.binary_kwargs.gamma"), ("train.epochs=3", "train.epochs")],
+)
+def test_resume_refuses_trajectory_changes_unless_forced(tmp_path: Path, override: str, keys: str) -> None:
+    run = _finished(tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError) as info:
+        Trainer.from_config(load_config(run / "config.yaml", [override]), resume=run)
+    assert keys in str(info.value) and "--force" in str(info.value)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing rewritten
+
+
+def test_forced_epoch_extension_keeps_the_schedule_horizon(tmp_path: Path) -> None:
+    """A cosine over the original 2 epochs ends at its final value; extra epochs stay there."""
+    run = _finished(tmp_path, "short", "optim.schedules=[{key: lr, route: real, type: cosine, unit: step}]")
+    first_lr = read_metrics(run)[0]["real/lr"]
+    trainer = Trainer.from_config(load_config(run / "config.yaml", ["train.epochs=4"]), resume=run, force=True)
+    trainer.fit()
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["real/lr"] == first_lr and rows[2]["real/lr"] == rows[3]["real/lr"] == pytest.approx(0.0, abs=1e-12)
+    assert load_config(run / "config.yaml").train.epochs == 4  # said so: --force rewrites config.yaml
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["schedule_epochs"] == 2
+
+
+def test_damaged_metrics_log_on_resume_is_a_clear_error(tmp_path: Path) -> None:
+    run = tmp_path / "dmg"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.from_config(_config(tmp_path, "dmg"), callbacks=[SigintAfterEpoch(2)]).fit()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(lines[0][:-5] + "\n" + lines[1] + "\n")  # epoch 1's row damaged
+    damaged = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=r"damaged at line 1"):
+        Trainer.from_config(load_config(run / "config.yaml"), resume=run)
+    assert (run / "metrics.jsonl").read_bytes() == damaged  # the history is not silently dropped
+
+
+def test_sigterm_saves_and_stops_like_ctrl_c(tmp_path: Path) -> None:
+    class SigtermAfterStep(Callback):
+        def on_step_end(self, trainer: Trainer) -> None:
+            if trainer.step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = Trainer.from_config(_config(tmp_path, "term"), callbacks=[SigtermAfterStep()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.stop_signal == signal.SIGTERM
+    saved = load_checkpoint(tmp_path / "term" / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["batch_in_epoch"]) == (0, 4, 4)
+
+
+def test_checkpoint_of_another_architecture_is_one_clear_error(tmp_path: Path) -> None:
+    run = _finished(tmp_path, "arch")
+    wider = _config(tmp_path, "other", "model.kwargs={hidden_sizes: [48], dropout: 0.2}")
+    with pytest.raises(CheckpointError, match="does not fit") as info:
+        Trainer.from_config(wider, resume=run / "checkpoints" / "last.pt", force=True)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_run_folder_is_one_clear_error(tmp_path: Path) -> None:
+    trainer = Trainer.from_config(_config(tmp_path, "ro", "train.epochs=1"))
+    (trainer.run_dir / "checkpoints").mkdir()
+    (trainer.run_dir / "checkpoints").chmod(0o500)
+    try:
+        with pytest.raises(CheckpointError, match="cannot write"):
+            trainer.fit()
+    finally:
+        (trainer.run_dir / "checkpoints").chmod(0o700)
+
+
+def test_disk_full_while_saving_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import flipnet.train.checkpoint as ckpt_module
+
+    def full(obj: Any, path: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer = Trainer.from_config(_config(tmp_path, "full", "train.epochs=1"))
+    monkeypatch.setattr(ckpt_module, "atomic_torch_save", full)
+    with pytest.raises(CheckpointError, match="No space left on device.*free disk space") as info:
+        trainer.fit()
+    assert "\n" not in str(info.value)

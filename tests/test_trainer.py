@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -331,3 +332,156 @@ def test_recipe_model_is_the_trained_model_without_loading_data(tmp_path: Path) 
     assert dataset_shape("digits") == (load_dataset("digits").input_shape, 10)
     smoke = recipe_model(load_config("cifar10_binarynet_smoke"))  # CIFAR-10 is not read
     assert tuple(smoke.input_shape) == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------- divergence checks
+def _poison(what: str, at_step: int) -> Callback:
+    class Poison(Callback):
+        def on_step_end(self, trainer: Trainer) -> None:
+            if trainer.step != at_step:
+                return
+            with torch.no_grad():
+                if what == "binary_weight":  # sign(NaN) = -1: the loss stays finite
+                    binary_parameters(trainer.model)[0][0, 0] = float("nan")
+                elif what == "bn_stat":
+                    trainer.model.bn1.running_var[0] = float("inf")
+                else:  # a NaN gradient leaves its trace in Bop's momentum (no flip happens, the loss stays finite)
+                    hit = 0
+                    for opt in [trainer.optimizer.optimizers["binary"]]:
+                        for st in opt.state.values():
+                            for v in st.values():
+                                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1:
+                                    v.view(-1)[0] = float("nan")
+                                    hit += 1
+                    assert hit
+
+    return Poison()
+
+
+@pytest.mark.parametrize(("what", "piece"), [("binary_weight", "weight fc1.weight"), ("bn_stat", "BatchNorm statistic bn1.running_var"),
+                                              ("gradient", "gradient statistic")])
+def test_divergence_outside_the_loss_is_caught_and_never_saved(tmp_path: Path, what: str, piece: str) -> None:
+    trainer = Trainer.from_config(tiny(tmp_path, "train.epochs=3", "train.nan_check_every=0"), callbacks=[_poison(what, 10)])
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.fit()
+    assert piece in str(info.value) and "in epoch 2" in str(info.value) and "\n" not in str(info.value)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 1
+    for ckpt in (saved, load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")):
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
+def test_ctrl_c_after_a_silent_nan_does_not_save_it(tmp_path: Path) -> None:
+    class NanThenStop(Callback):
+        def on_step_end(self, trainer: Trainer) -> None:
+            if trainer.step == 10:
+                with torch.no_grad():
+                    binary_parameters(trainer.model)[0][0, 0] = float("nan")
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.from_config(tiny(tmp_path, "train.epochs=3", "train.nan_check_every=0"), callbacks=[NanThenStop()]).fit()
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 1 and saved["batch_in_epoch"] == 0
+
+
+# --------------------------------------------------------------------------- validation split
+def test_without_a_validation_split_best_is_the_last_epoch_never_test(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    trainer = Trainer.from_config(tiny(tmp_path, "train.epochs=3", "data.val_size=0"))
+    assert trainer.val_loader is None
+    trainer.fit()
+    rows = read_metrics(trainer.run_dir)
+    assert "val_acc" not in rows[-1] and rows[-1]["best_epoch"] == 3 and rows[-1]["best_val_acc"] is None
+    assert load_checkpoint(trainer.run_dir / "checkpoints" / "best.pt")["epoch"] == 3
+    assert "no validation split" in capsys.readouterr().out
+
+
+def test_val_split_is_held_out_of_training(tmp_path: Path) -> None:
+    trainer = Trainer.from_config(tiny(tmp_path, "data.val_size=64"))
+    assert len(trainer.data.split("val")[1]) == 64 and len(trainer.data.train_y) == 256 - 64
+    assert trainer.steps_per_epoch == 6
+
+
+# --------------------------------------------------------------------------- run folders
+@pytest.mark.parametrize(("name", "piece"), [("../escaped", "leaves output.dir"), ("/tmp/abs", "absolute path"),
+                                             ("x" * 300, "300 characters long")])
+def test_run_names_stay_inside_out(tmp_path: Path, name: str, piece: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=piece):
+        Trainer.from_config(load_config("digits_bop", [*TINY, f"output.dir={out}", f"output.name={name}"]))
+    assert not (tmp_path / "escaped").exists() and not out.exists()
+
+
+def test_a_folder_flipnet_did_not_create_is_never_written(tmp_path: Path) -> None:
+    foreign = tmp_path / "run"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(ConfigError, match="not created by flipnet"):
+        Trainer.from_config(tiny(tmp_path))
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+    (tmp_path / "empty").mkdir()  # an empty folder loses nothing
+    Trainer.from_config(tiny(tmp_path, "train.epochs=1", name="empty")).fit()
+    assert (tmp_path / "empty" / ".flipnet-run").is_file()
+
+
+def test_a_run_that_died_before_its_first_checkpoint_restarts_cleanly(tmp_path: Path) -> None:
+    class DieEarly(Callback):
+        def on_step_end(self, trainer: Trainer) -> None:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        Trainer.from_config(tiny(tmp_path), callbacks=[DieEarly()]).fit()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    Trainer.from_config(tiny(tmp_path, "train.epochs=1")).fit()  # same name: reused
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [1]
+    with pytest.raises(RuntimeError, match="power cut"):
+        Trainer.from_config(tiny(tmp_path, name="again"), callbacks=[DieEarly()]).fit()
+    resumed = Trainer.from_config(tiny(tmp_path, "train.epochs=1", name="again"), resume=tmp_path / "again")
+    resumed.fit()  # --resume of such a folder starts from the beginning
+    assert [r["epoch"] for r in read_metrics(tmp_path / "again")] == [1]
+
+
+# --------------------------------------------------------------------------- threads and batches
+def test_same_threads_and_seed_give_identical_weights(tmp_path: Path) -> None:
+    a = Trainer.from_config(tiny(tmp_path, "train.threads=1", name="a"))
+    a.fit()
+    b = Trainer.from_config(tiny(tmp_path, "train.threads=1", name="b"))
+    b.fit()
+    assert a.threads == b.threads == 1
+    for k, v in a.model.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, b.model.state_dict()[k]), k
+    assert load_checkpoint(a.run_dir / "checkpoints" / "last.pt")["meta"]["threads"] == 1
+    assert json.loads((a.run_dir / "summary.json").read_text())["threads_reason"] == "train.threads"
+
+
+def test_thread_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flipnet.train.build import choose_threads
+
+    small, cpu = torch.nn.Linear(4, 4), torch.device("cpu")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert choose_threads(None, small, cpu) == (1, "small model (20 parameters)")
+    assert choose_threads(3, small, cpu) == (3, "train.threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert choose_threads(None, small, cpu) == (torch.get_num_threads(), "OMP_NUM_THREADS")
+    with pytest.raises(ConfigError, match="train.threads"):
+        choose_threads(0, small, cpu)
+
+
+def test_a_last_batch_of_one_trains(tmp_path: Path) -> None:
+    """BatchNorm cannot normalise one sample; the loader must not hand the trainer such a batch."""
+    trainer = Trainer.from_config(tiny(tmp_path, "data.subset=257", "data.val_size=0", "data.batch_size=4", "train.epochs=1"))
+    row = trainer.fit()
+    assert math.isfinite(row["train_loss"]) and row["step"] == trainer.steps_per_epoch
+
+
+def test_library_form_trains_parts_built_by_hand(tmp_path: Path) -> None:
+    from flipnet.train.build import build_data, build_model, build_optimizer
+
+    config = tiny(tmp_path, "train.epochs=1")
+    data = build_data(config)
+    model = build_model(config, data.num_classes, data.input_shape)
+    trainer = Trainer(model, build_optimizer(config, model), data, config=config,
+                      loss_fn=lambda out, y: torch.nn.functional.cross_entropy(out, y, label_smoothing=0.1))
+    row = trainer.fit()
+    assert trainer.model is model and row["epoch"] == 1 and (trainer.run_dir / "checkpoints" / "last.pt").is_file()

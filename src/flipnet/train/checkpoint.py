@@ -113,6 +113,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
         KeyError, IndexError, OverflowError, MemoryError,  # damaged pickle opcodes or lengths
     ) as e:
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+            # torch's message goes on to suggest weights_only=False; flipnet never loads code from a file
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain data, which flipnet refuses to "
+                "load (files are data, never code); it was not written by flipnet train"
+            ) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a flipnet checkpoint ({first[:200]}); "

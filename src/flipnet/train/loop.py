@@ -207,6 +207,7 @@ class Trainer:
                 f"Trainer takes (model, optimizer, data) or a recipe Config from flipnet.train.load_config, got {type(model).__name__}"
             )
         config = config if config is not None else Config()
+        self._group = None
         self.dist, dist_device = init_distributed(config.train.device)
         device = dist_device or build.resolve_device(config.train.device)
         member = Member(config, prepare_model(model, device, config.train.channels_last), optimizer,
