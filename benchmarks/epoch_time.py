@@ -316,9 +316,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _precisions(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """``args.precisions``, or the older ``args.amp`` (auto/bf16/none) as one precision."""
+    chosen = getattr(args, "precisions", None)
+    if chosen:
+        return list(chosen)
+    amp = getattr(args, "amp", "auto")
+    return ["bf16"] if amp == "bf16" or (amp == "auto" and device.type == "cuda") else ["fp32"]
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    args.precisions = _precisions(args, device)
+    args.seeds = list(getattr(args, "seeds", None) or [1])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "true"
@@ -354,13 +365,13 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 def markdown(rows: list[Row]) -> str:
     lines = [
-        "| model | precision | mode | seeds | batch | images/s | s / epoch (50k per seed) | bound images/s | % of bound | note |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| model | mode | batch | precision | seeds | images/s | s / epoch (50k per seed) | bound images/s | % of bound | note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         mode = r.mode if not r.ran_as or r.ran_as == r.mode else f"{r.mode} (ran as {r.ran_as})"
         lines.append(
-            f"| {r.model} | {r.precision} | {mode} | {r.seeds} | {r.batch} | {r.images_per_s:,.1f} | {r.epoch_s:,.1f} | "
+            f"| {r.model} | {mode} | {r.batch} | {r.precision} | {r.seeds} | {r.images_per_s:,.1f} | {r.epoch_s:,.1f} | "
             f"{r.bound_images_per_s:,.0f} | {100 * r.fraction_of_bound:.1f}% | {r.note} |"
         )
     return "\n".join(lines)
@@ -391,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matmul-size", type=int, default=0, help="n of the n x n matmul rate probe (0: 8192 CUDA, 1024 CPU)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     args = p.parse_args(argv)
-    if args.precisions is None:
-        args.precisions = ["bf16"] if resolve_device(args.device).type == "cuda" else ["fp32"]
+    args.precisions = _precisions(args, resolve_device(args.device))
     for what, values, valid in (("mode", args.modes, MODES), ("model", args.models, MODELS),
                                 ("precision", args.precisions, PRECISIONS)):
         bad = [v for v in values if v not in valid]
