@@ -464,11 +464,12 @@ def test_cli_export_never_overwrites_without_force(tmp_path: Path, capsys: pytes
     assert last.read_bytes() == before
     out = run / "export.safetensors"
     assert main(["export", str(run), "--checkpoint", "last"]) == 0
-    first = out.read_bytes()
+    out.write_bytes(b"precious")
     assert main(["export", str(run), "--checkpoint", "last"]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
     assert main(["export", str(run), "--checkpoint", "last", "--force"]) == 0
-    assert out.read_bytes() == first  # same model, same file
+    assert read_export_metadata(out)["extra"]["checkpoint"] == "last"
 
 
 def test_cli_summary_refuses_export_files_and_wrong_input_sizes(tmp_path: Path, good_file: Path,

@@ -44,8 +44,6 @@ __all__ = [
     "unpack_words",
     "pack_indices",
     "unpack_indices",
-    "packed_size",
-    "check_binary",
 ]
 
 _BYTE_WEIGHTS_BIG = [128, 64, 32, 16, 8, 4, 2, 1]

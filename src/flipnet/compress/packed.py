@@ -74,7 +74,6 @@ __all__ = [
     "BinaryWeightLinear",
     "ThresholdSign",
     "MaxPool2d",
-    "popcount64",
 ]
 
 _OBLOCK = 16  # output channels per weight block of the C kernel

@@ -64,22 +64,17 @@ from .codes import decode_kernels, encode_kernels, kernel_histogram, kernel_laye
 from .pack import pack_indices, unpack_indices
 
 __all__ = [
-    "MAX_QBN_BITS",
-    "Distance",
-    "select_codebook",
-    "codebook_signs",
-    "nearest_codewords",
-    "QBNProjection",
-    "QBNStored",
-    "QBNLayerBits",
     "apply_qbn",
     "remove_qbn",
+    "QBNProjection",
     "projection",
     "qbn_layers",
     "qbn_bits",
-    "stored_form",
+    "QBNStored",
     "to_stored",
     "from_stored",
+    "select_codebook",
+    "nearest_codewords",
 ]
 
 #: Largest index width (a codebook of 256 of the 512 3×3 patterns).

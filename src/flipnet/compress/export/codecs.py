@@ -32,7 +32,7 @@ from ...models.common import SequentialModel
 from ...models.resnet import BasicBlock, BiRealBlock, PadShortcut, ResNet
 from ...quantizers import Quantizer, quantizer_name, sign
 from .. import qbn
-from ..pack import pack_bits, pack_indices, pack_words, packed_size, unpack_bits, unpack_indices
+from ..pack import pack_bits, pack_words, packed_size, unpack_bits, unpack_indices
 from ..packed import BinaryWeightConv, BinaryWeightLinear, MaxPool2d, PackedBinaryConv2d, PackedBinaryLinear, ThresholdSign
 from .format import Entry, Reader
 
