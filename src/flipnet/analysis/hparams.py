@@ -445,7 +445,12 @@ def plot_filter(h: LatentHparams, prefix: str, *, title: str | None = None) -> l
     f = flip_filter(h)
     if f.alpha is None or f.gamma is None or not f.alpha > 0:
         raise ConfigError(f"no CEMA filter to plot for this set-up ({f.kind}: {'; '.join(f.notes)})")
+    import textwrap
+
     name = title or f"{h.optimizer} lr {h.lr:g} wd {h.weight_decay:g} mom {h.momentum:g}"
+
+    def heading(what: str) -> str:
+        return "\n".join(textwrap.wrap(f"{what}: {name}", 70))
     out = Path(prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -461,7 +466,7 @@ def plot_filter(h: LatentHparams, prefix: str, *, title: str | None = None) -> l
     ax.axvline(m.span95 + 1, color="gray", ls=":", lw=1, label=f"95% within {m.span95:.3g} steps")
     ax.set_xlabel("steps back (k + 1)")
     ax.set_ylabel("weight of the gradient k steps ago")
-    ax.set_title(f"impulse response: {name}", fontsize=9)
+    ax.set_title(heading("impulse response"), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -478,7 +483,7 @@ def plot_filter(h: LatentHparams, prefix: str, *, title: str | None = None) -> l
         ax.text(rate / (2 * np.pi), 1e-3, f" {label}", fontsize=8, color="gray")
     ax.set_xlabel("frequency (cycles per step)" + ("" if spe is None else f"; 1 epoch = {spe} steps"))
     ax.set_ylabel("|H|  (gain from gradient to inertia)")
-    ax.set_title(f"frequency response: {name}", fontsize=9)
+    ax.set_title(heading("frequency response"), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     p = f"{out}_frequency.png"
@@ -496,9 +501,10 @@ def plot_filter(h: LatentHparams, prefix: str, *, title: str | None = None) -> l
     with np.errstate(divide="ignore"):
         ax.semilogy(x, np.where(alphas > 0, 1 / np.maximum(alphas, 1e-300), np.inf) / scale, label="1/alpha")
     ax.semilogy(x, spans / scale, label="95% span")
+    ax.semilogy(x[1:], x[1:], color="gray", ls=":", lw=1, label="training so far")
     ax.set_xlabel(f"training progress ({unit})")
     ax.set_ylabel(f"memory ({unit})")
-    ax.set_title(f"effective memory during training: {name}", fontsize=9)
+    ax.set_title(heading("effective memory during training"), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

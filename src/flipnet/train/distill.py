@@ -132,7 +132,7 @@ class DistillSpec:
         if self.checkpoint is None:
             raise ConfigError(
                 "train.distill.checkpoint is required: flipnet cannot download teacher weights; give the path "
-                "of a trained teacher (see docs/training.md, 'Distillation')"
+                "of a trained teacher (see docs/models.md, 'Distillation')"
             )
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= 1.0:
             raise ConfigError(f"train.distill.weight must be in [0, 1], got {self.weight!r}")
@@ -187,7 +187,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not p.is_file():
         raise CheckpointError(
             f"teacher checkpoint {p} does not exist; flipnet cannot download weights, copy the teacher's "
-            "weights there (see docs/training.md, 'Distillation')"
+            "weights there (see docs/models.md, 'Distillation')"
         )
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError
