@@ -457,11 +457,16 @@ def test_cli_export_never_overwrites_without_force(tmp_path: Path, capsys: pytes
     save_checkpoint(last, {"model": model.state_dict(), "config": config_to_dict(load_config("digits_bop", [
         "model.kwargs.hidden_sizes=[32,32]"])), "epoch": 1, "step": 1, "meta": {"num_classes": 10, "input_shape": [1, 8, 8]}})
     before = last.read_bytes()
-    # the resumable checkpoint is never the output, --force or not
-    for extra in ([], ["--force"]):
-        assert main(["export", str(run), "--checkpoint", "last", "--out", str(last), *extra]) == 2
-        assert "checkpoint being exported" in capsys.readouterr().err
-    assert last.read_bytes() == before
+    # a checkpoint is never the output, --force or not, whichever checkpoint is exported
+    for extra in ([], ["--force"], ["--checkpoint", "best", "--force"]):
+        args = ["export", str(run), "--out", str(last), *extra]
+        assert main(args if "best" in extra else [*args, "--checkpoint", "last"]) == 2
+        assert "would replace a checkpoint" in capsys.readouterr().err
+    assert main(["export", str(run), "--checkpoint", "last", "--out", str(tmp_path / "new.pt")]) == 2
+    capsys.readouterr()
+    assert last.read_bytes() == before and not (tmp_path / "new.pt").exists()
+    assert main(["export", str(last)]) == 0  # a checkpoint file: the export goes next to it
+    assert (run / "checkpoints" / "last.safetensors").is_file() and last.read_bytes() == before
     out = run / "export.safetensors"
     assert main(["export", str(run), "--checkpoint", "last"]) == 0
     out.write_bytes(b"precious")

@@ -4,7 +4,8 @@
     Write the trained model of a run folder (or checkpoint file) as one ``flipnet-export``
     safetensors file (bit-packed binary weights, BatchNorm folded into thresholds), then load it
     back and check that its logits match the trained model's on random inputs. An existing file
-    is never replaced unless ``--force`` is given, and never the checkpoint being exported.
+    is never replaced unless ``--force`` is given, and a checkpoint never (``--out`` with a ``.pt`` or
+    ``.pth`` suffix is refused).
 
 ``flipnet summary RECIPE_OR_RUN [--input-size N C H W] [--num-classes K]``
     Print the layer table of :func:`flipnet.compress.summary` for a run folder's model or for the
@@ -42,7 +43,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", metavar="FILE", help="output file (default: RUN/export.safetensors)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
     p.add_argument("--force", "--overwrite", dest="force", action="store_true",
-                   help="replace an existing output file (never the checkpoint being exported)")
+                   help="replace an existing output file (never a checkpoint)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the file back and comparing logits")
     p.add_argument("--format", choices=("safetensors", "onnx", "qonnx"), default="safetensors",
                    help="safetensors (default: flipnet's packed format), onnx (runs in ONNX Runtime; default file "
@@ -67,11 +68,14 @@ def _default_out(run: Path) -> Path:
 
 
 def _check_out(out: Path, source: Path, force: bool) -> None:
-    """Refuse to write over the checkpoint being exported, a folder, or (without ``--force``) any file."""
+    """Refuse to write over a checkpoint (the one exported, or any ``.pt``/``.pth`` file), over a
+    folder, or (without ``--force``) over any existing file."""
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name, e.g. {out / 'export.safetensors'}")
-    if out.exists() and out.resolve() == source.resolve():
-        raise ConfigError(f"--out {out} is the checkpoint being exported; choose another file name")
+    resolved = out.resolve()
+    if resolved == source.resolve() or out.suffix in _RUN_SUFFIXES:
+        raise ConfigError(f"--out {out} would replace a checkpoint (the run's resumable state); "
+                          "write the export elsewhere, e.g. RUN/export.safetensors")
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another --out")
 
