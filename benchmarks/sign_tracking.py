@@ -39,7 +39,9 @@ def _run(recipe: str, overrides: list[str], track: bool, out: Path, name: str) -
     cfg = load_config(recipe, [*overrides, f"train.track_signs={'true' if track else 'false'}",
                                f"output.dir={out}", f"output.name={name}", "train.progress=false",
                                "train.plots=false", "train.tensorboard=false"])
-    trainer = Trainer(cfg)
+    from flipnet.analysis.flips import SignTracker
+
+    trainer = Trainer(cfg, callbacks=[SignTracker()] if track else [])
     trainer.fit()
     from flipnet.train import read_metrics
 

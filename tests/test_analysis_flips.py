@@ -207,7 +207,7 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"output.dir={out}", "output.name=run", "train.progress=false", "train.plots=false",
         "train.tensorboard=false",
     ])
-    Trainer(cfg).fit()
+    Trainer.from_config(cfg, [SignTracker()]).fit()
     return out / "run"
 
 

@@ -26,7 +26,9 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config("sun_yao_digits_bwn", ["train.epochs=2", *_SMALL, f"output.dir={out}", "output.name=run"])
-    Trainer(cfg).fit()
+    from flipnet.analysis.flips import SignTracker
+
+    Trainer.from_config(cfg, [SignTracker()]).fit()
     return out / "run"
 
 

@@ -42,6 +42,10 @@ def make_trainer(config: Any, overrides: Sequence[str], out_dir: str | Path, nam
         "train.progress=false",
         "seeds=null",
     ])
+    if track_signs:
+        from .flips import SignTracker
+
+        callbacks = [*callbacks, SignTracker()]
     return Trainer(cfg, callbacks=list(callbacks))
 
 

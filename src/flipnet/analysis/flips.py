@@ -137,6 +137,9 @@ class SignTracker(Callback):
     nothing is copied to the host until the epoch ends.
     """
 
+    #: Satisfies ``train.track_signs`` (the trainer checks that such a callback is attached).
+    tracks_signs = True
+
     def __init__(self, out_dir: str | Path | None = None, every: int = 1, save_initial_weights: bool = True) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive number of epochs, got {every!r}")

@@ -33,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flipnet {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        module = importlib.import_module(name)
-        register = getattr(module, "register", None) or module.register_cli  # register_cli: modules not moved to flipnet.cli yet
-        register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -115,9 +115,14 @@ def _fit(config: Any, *, resume: str | None, force: bool, cleanup: Any) -> int:
 
     from flipnet.train.loop import Trainer
 
+    callbacks = []
+    if config.train.track_signs:
+        from flipnet.analysis.flips import SignTracker
+
+        callbacks.append(SignTracker())
     trainer = None
     try:
-        trainer = Trainer.from_config(config, resume=resume, force=force)
+        trainer = Trainer.from_config(config, callbacks, resume=resume, force=force)
         trainer.fit()
     except KeyboardInterrupt:
         if trainer is not None and trainer.stop_signal == signal.SIGTERM:

@@ -32,13 +32,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from .callbacks import Callback
     from .config import Config, OutputConfig
 
 __all__ = [
     "RUN_MARKER",
     "amp_dtype",
-    "build_callbacks",
     "build_data",
     "build_loader",
     "build_model",
@@ -180,6 +178,9 @@ def build_data(config: Config) -> Any:
 
 def has_split(bundle: Any, split: str) -> bool:
     """True when ``bundle`` holds a non-empty ``split`` (``"val"`` exists only with ``data.val_size``)."""
+    splits = getattr(bundle, "splits", None)
+    if splits is not None:
+        return split in splits
     try:
         x, _ = bundle.split(split)
     except (ValueError, KeyError, AttributeError):
@@ -312,16 +313,6 @@ def build_schedules(config: Config, optimizer: Any, steps_per_epoch: int, *, epo
             out.append(scheduler_from_dict(optimizer, spec, epochs=horizon, steps_per_epoch=steps_per_epoch))
         except (FlipnetError, TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"optim.schedules[{i}]: {e}") from None
-    return out
-
-
-def build_callbacks(config: Config) -> list[Callback]:
-    """The callbacks a recipe asks for: ``train.track_signs`` → :class:`flipnet.analysis.flips.SignTracker`."""
-    out: list[Any] = []
-    if config.train.track_signs:
-        from flipnet.analysis.flips import SignTracker
-
-        out.append(SignTracker())
     return out
 
 

@@ -124,6 +124,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"checkpoint {path} is corrupt or not a flipnet checkpoint ({first[:200]}); "
             "use the other checkpoint of the run (--checkpoint best|last) or retrain"
         ) from None
+    except Exception as e:  # e.g. safetensors' own errors for a (truncated) export file given as checkpoint
+        raise CheckpointError(
+            f"{path} cannot be read as a flipnet checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            "give a run folder or checkpoints/*.pt (an export file is read by flipnet.compress.load_exported)"
+        ) from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a flipnet checkpoint (no 'format: {CHECKPOINT_FORMAT}' entry)")
     version = obj.get("version")

@@ -262,8 +262,14 @@ class Trainer:
             ensemble = SeedEnsemble(models, channels_last=cl)
         members = [Member(c, m, build.build_optimizer(c, m), label=lb) for c, m, lb in zip(configs, models, labels)]
         self._group = (Path(group_dir) if group_dir else (run_dirs[0].parent if run_dirs else None), group_config) if multi else None
-        self._setup(members, data, device, [*callbacks, *build.build_callbacks(base)], run_dirs=run_dirs,
-                    ckpts=ckpts, ensemble=ensemble, rewrite_config=resume is None or bool(getattr(self, "_forced", ())))
+        if base.train.track_signs and not any(getattr(cb, "tracks_signs", False) for cb in callbacks):
+            raise ConfigError("train.track_signs=true needs a flipnet.analysis.flips.SignTracker in callbacks "
+                              "(flipnet train adds it); pass callbacks=[SignTracker()]")
+        from .distill import loss_from_config
+
+        self._setup(members, data, device, callbacks, run_dirs=run_dirs, ckpts=ckpts, ensemble=ensemble,
+                    loss_fn=loss_from_config(base, data, device),
+                    rewrite_config=resume is None or bool(getattr(self, "_forced", ())))
 
     def _read_resume(self, configs: list[Config], labels: list[str], resume: Any, force: bool) -> tuple[list[Path], list[dict] | None]:
         """Run folders and checkpoints to resume; refuses trajectory changes unless ``force``."""
