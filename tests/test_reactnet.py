@@ -152,7 +152,7 @@ def test_wrong_input_shape_is_one_sentence() -> None:
 
 
 def test_summary_counts_binary_macs() -> None:
-    from flipnet.compress.summary import summary
+    from flipnet.compress import summary
 
     model = create_model("reactnet_a", num_classes=10, small_input=True, base_width=4)
     s = summary(model, input_size=(1, 3, 32, 32))
