@@ -154,3 +154,6 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plot", str(a), "--labels", "x", "y"]) == 2
     assert "2 labels for 1 runs" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert main(["plot", str(a), "--out", str(tmp_path / "p"), "--prefix", "gallery_"]) == 0
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["gallery_accuracy.png", "gallery_flip_ratio.png", "gallery_loss.png"]
+    assert main(["plot", str(a), "--prefix", "../x"]) == 2

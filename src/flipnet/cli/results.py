@@ -2,7 +2,7 @@
 
 ::
 
-    flipnet plot RUN_OR_GROUP [...] [--out DIR] [--labels A B ...] [--separate-seeds]
+    flipnet plot RUN_OR_GROUP [...] [--out DIR] [--labels A B ...] [--separate-seeds] [--prefix TEXT]
     flipnet compare RUN_OR_GROUP [...] [--csv FILE] [--labels A B ...] [--separate-seeds]
 
 A group folder (``flipnet train RECIPE seeds=[0,1,2]``) stands for its member runs; runs that
@@ -36,6 +36,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder (default: PATH/plots for one path, ./plots for several)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="one legend label per curve (default: the differing hyperparameters)")
     p.add_argument("--separate-seeds", action="store_true", help="one curve per run instead of mean ± std bands")
+    p.add_argument("--prefix", default="", metavar="TEXT", help="file-name prefix, e.g. gallery_ (gallery_loss.png, ...)")
     p.set_defaults(func=cmd_plot)
 
     p = subparsers.add_parser(
@@ -59,7 +60,7 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     from flipnet.train.plots import plot_runs
 
     try:
-        paths = plot_runs(ns.runs, ns.out, ns.labels, merge_seeds=not ns.separate_seeds)
+        paths = plot_runs(ns.runs, ns.out, ns.labels, merge_seeds=not ns.separate_seeds, prefix=ns.prefix)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for path in paths:

@@ -135,6 +135,7 @@ def plot_runs(
     labels: Sequence[str] | None = None,
     *,
     merge_seeds: bool = True,
+    prefix: str = "",
 ) -> list[Path]:
     """Draw ``loss.png``, ``accuracy.png`` and ``flip_ratio.png`` for runs, seed groups or an overlay.
 
@@ -145,6 +146,7 @@ def plot_runs(
         labels: one label per curve (per seed group; or per path, which then keeps every run its
             own curve); default: the differing hyperparameters.
         merge_seeds: draw runs that differ only in the seed as one mean ± std band (default).
+        prefix: put before each file name (``prefix="gallery_"`` writes ``gallery_loss.png``, ...).
 
     Returns:
         The paths written. ``flip_ratio.png`` is drawn only when some run logged flip ratios;
@@ -163,6 +165,8 @@ def plot_runs(
 
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run folder")
+    if "/" in prefix or "\\" in prefix or prefix in (".", ".."):
+        raise ValueError(f"prefix must be a file-name prefix without folders, got {prefix!r}")
     groups, _ = load_groups(run_dirs, labels, merge_seeds)
     paths = [Path(r) for r in run_dirs]
     out = Path(out_dir) if out_dir is not None else (paths[0] / "plots" if len(paths) == 1 else Path("plots"))
@@ -196,9 +200,9 @@ def plot_runs(
         ax.set_title(_title(title, groups), fontsize=10)
         ax.grid(True, alpha=0.3)
         _legend(ax)
-        _save(fig, out / fname)
+        _save(fig, out / (prefix + fname))
         plt.close(fig)
-        written.append(out / fname)
+        written.append(out / (prefix + fname))
 
     if any(_series(run.rows, "flip_ratio") for g in groups for run in g.runs):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -230,7 +234,7 @@ def plot_runs(
         ax.set_title(_title("Flip ratio", groups), fontsize=10)
         ax.grid(True, alpha=0.3, which="both")
         _legend(ax, fontsize=7)
-        _save(fig, out / "flip_ratio.png")
+        _save(fig, out / (prefix + "flip_ratio.png"))
         plt.close(fig)
-        written.append(out / "flip_ratio.png")
+        written.append(out / (prefix + "flip_ratio.png"))
     return written
