@@ -165,6 +165,8 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return "nan"
+        if v != 0 and abs(v) < 0.5 * 10**-digits:
+            return f"{v:.2e}"
         return f"{v:,.{digits}f}"
     return str(v)
 
@@ -516,7 +518,7 @@ def sec_agreement(ctx: Ctx) -> None:
     r["binary_weights"] = n_weights
 
     # -- GPU vs CPU, in lock step -------------------------------------------------------------
-    half_deadline = time.monotonic() + 0.45 * ctx.left()
+    half_deadline = time.monotonic() + 0.35 * ctx.left()  # the rest: the reference and the fast modes
     cpu = torch.device("cpu")
     rows: list[dict[str, Any]] = []
     with _Det():
@@ -1153,7 +1155,7 @@ def sec_packed_inference(ctx: Ctx) -> None:
     import torch
     import torch.nn.functional as F
 
-    from epoch_time import build_model
+    from epoch_time import build_model, fp32_precision
     from flipnet.compress import export_model, load_exported
     from flipnet.compress import _triton as tri
     from flipnet.compress.packed import PackedBinaryConv2d, PackedBinaryLinear, _PackedBase
@@ -1199,8 +1201,10 @@ def sec_packed_inference(ctx: Ctx) -> None:
             continue
         x = (torch.rand(b, 3, 32, 32, generator=g) * 2 - 1).to(dev)
         with torch.inference_mode():
-            want = ref(x)
-            got = packed(x)  # first call: every packed layer picks its implementation by timing
+            packed(x)  # first call: every packed layer picks its implementation by timing
+            with fp32_precision(False):  # compare without TF32 rounding in the real-input first layer
+                want = ref(x)
+                got = packed(x)
             agree = float((want.argmax(1) == got.argmax(1)).float().mean())
             max_diff = float((want - got).abs().max())
             t_packed = _bench(lambda: packed(x), dev, reps=5 if smoke else 20)

@@ -100,6 +100,17 @@ INTERPRETED = textwrap.dedent(
             conv.impl = "triton"
             got = conv(xin)
             assert torch.equal(got.contiguous(), want.contiguous()), (o, c, k, s, p, d, pv)
+
+    # 4. a device whose self-test fails gets the kernels switched off (with the reason), not a crash
+    import warnings
+    assert "self-test passed" in T.status("cpu")
+    T._CHECKED.clear()
+    T._self_test = lambda device: "planted failure"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not T.usable_on("cpu")
+    assert any("planted failure" in str(w.message) for w in caught)
+    assert "planted failure" in T.status("cpu")
     print("OK")
     """
 )

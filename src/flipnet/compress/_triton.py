@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -136,14 +137,57 @@ def available() -> bool:
     return _load()[0] is not None
 
 
+_CHECKED: dict[tuple[str, int | None], str] = {}
+
+
 def usable_on(device: torch.device | str) -> bool:
-    """The kernels can run on ``device``: CUDA with Triton, or the CPU under the interpreter."""
+    """The kernels can run on ``device``: CUDA with Triton, or the CPU under the interpreter.
+
+    The first call per device runs a small self-test (both kernels, ragged sizes, against the
+    plain float product); if it fails, the kernels are reported unusable there (:func:`status`
+    gives the reason, a warning is issued once) and the packed layers keep their other
+    implementations instead of failing.
+    """
     device = torch.device(device)
     if not available():
         return False
     if interpreting():
-        return device.type == "cpu"
-    return device.type == "cuda" and torch.cuda.is_available()
+        if device.type != "cpu":
+            return False
+    elif device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
+    if key not in _CHECKED:
+        _CHECKED[key] = _self_test(device)
+        if _CHECKED[key]:
+            warnings.warn(f"flipnet: the Triton packed kernels are disabled on {device}: {_CHECKED[key]}", stacklevel=2)
+    return not _CHECKED[key]
+
+
+def _self_test(device: torch.device) -> str:
+    """``""`` when both kernels reproduce the float reference on ``device``, else the reason."""
+    from .pack import pack_words
+
+    try:
+        g = torch.Generator().manual_seed(0)
+        for m, n, k in ((5, 7, 100), (100, 70, 129)):
+            a = torch.where(torch.rand(m, k, generator=g) < 0.5, -1.0, 1.0)
+            w = torch.where(torch.rand(n, k, generator=g) < 0.5, -1.0, 1.0)
+            aw = pack_signs(a.to(device))
+            if not torch.equal(aw.cpu(), pack_words(a, dim=1)):
+                return f"the pack kernel disagrees with pack_words at {(m, k)}"
+            got = xnor_gemm(aw, pack_words(w, dim=1).to(device), k).cpu()
+            if not torch.equal(got, a @ w.T):
+                return f"the popcount GEMM disagrees with the float product at (M, N, K) = {(m, n, k)}"
+        x = torch.randn(2, 70, 3, 4, generator=g)
+        want = pack_words(torch.where(x >= 0, 1.0, -1.0).permute(0, 2, 3, 1), dim=-1)
+        if not torch.equal(pack_signs(x.to(device)).cpu(), want):
+            return "the pack kernel disagrees with pack_words on an image batch"
+    except Exception as e:  # noqa: BLE001 - any failure (compilation, launch) disables the kernels here
+        return f"self-test raised {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return ""
 
 
 def status(device: torch.device | str) -> str:
@@ -152,7 +196,12 @@ def status(device: torch.device | str) -> str:
     if kern is None:
         return reason
     mode = "interpreter (SWAR bit count)" if interpreting() else ("hardware popc" if kern.hw_popc else "SWAR bit count")
-    where = "usable" if usable_on(device) else f"not usable on {torch.device(device).type}"
+    dev = torch.device(device)
+    if usable_on(dev):
+        where = "usable (self-test passed)"
+    else:
+        failed = [v for (t, _), v in _CHECKED.items() if t == dev.type and v]
+        where = f"not usable on {dev.type}" + (f": {failed[0]}" if failed else "")
     return f"triton {kern.triton.__version__}, {mode}, {where}"
 
 
