@@ -73,7 +73,7 @@ def test_unknown_key_names_closest_and_valid_keys(raw: dict, pieces: list[str]) 
         ({"train": {"epochs": 2.5}}, ["train.epochs", "an integer"]),
         ({"train": {"epochs": True}}, ["train.epochs", "an integer"]),
         ({"train": {"amp": "maybe"}}, ["train.amp", "true/false or auto"]),
-        ({"train": {"precision": "fp16"}}, ["train.precision", "fp32 or tf32 or bf16 or auto"]),
+        ({"train": {"precision": "fp16"}}, ["train.precision", "fp32 or tf32 or bf16 or int8 or auto"]),
         ({"data": {"augment": "yes please"}}, ["data.augment", "true/false"]),
         ({"optim": {"binary_kwargs": [1, 2]}}, ["optim.binary_kwargs", "a mapping"]),
         ({"seeds": [0, "one"]}, ["seeds[1]", "an integer"]),

@@ -149,7 +149,7 @@ CONFIG_CASES = [
     pytest.param(["data.augment=[flip]"], ["does not allow the 'flip' augmentation", "mirrored digit"], id="augment-flip-digits"),
     pytest.param(["train.device=gpu"], ["train.device must be auto, cpu, cuda or cuda:N"], id="bad-device"),
     pytest.param(["train.threads=0"], ["train.threads must be positive"], id="zero-threads"),
-    pytest.param(["train.precision=fp16"], ["train.precision must be fp32 or tf32 or bf16 or auto"], id="bad-precision"),
+    pytest.param(["train.precision=fp16"], ["train.precision must be fp32 or tf32 or bf16 or int8 or auto"], id="bad-precision"),
 ]
 
 

@@ -64,9 +64,9 @@ __all__ = [
 DEFAULT_RECIPE = "digits_bop"
 
 _AutoBool = Union[bool, Literal["auto"]]
-_Precision = Literal["fp32", "tf32", "bf16", "auto"]
-#: Values of ``train.precision``.
-PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "auto")
+_Precision = Literal["fp32", "tf32", "bf16", "int8", "auto"]
+#: Values of ``train.precision`` (resolved per device by ``flipnet.train.fast.select_precision``).
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "int8", "auto")
 
 #: Largest recipe file read (bytes).
 MAX_RECIPE_BYTES = 1 << 20
@@ -187,8 +187,10 @@ class TrainConfig:
     #: arithmetic of the forward/backward pass: ``fp32`` (default: what the papers ran; no
     #: TF32), ``tf32`` (fp32 with TF32 tensor-core matmuls/convolutions on CUDA: exact for
     #: binary-by-binary products, rounds real inputs to 10 mantissa bits), ``bf16`` (bf16
-    #: autocast: a bf16 output rounds binary-by-binary sums above 256), or ``auto`` (bf16 on
-    #: CUDA, fp32 elsewhere). The old key ``amp`` (true/false/auto) is read as bf16/fp32/auto.
+    #: autocast: a bf16 output rounds binary-by-binary sums above 256), ``int8`` (CPU: exact
+    #: int8 GEMMs for binary-by-binary forward products, bf16 elsewhere), or ``auto`` (the
+    #: fastest the device offers: bf16 on CUDA; int8, bf16 or fp32 on a CPU by its features;
+    #: see docs/performance.md). The old key ``amp`` (true/false/auto) is read as bf16/fp32/auto.
     precision: _Precision = "fp32"
     #: intra-op CPU threads (``torch.set_num_threads``); ``null``: the trainer's default. Results
     #: depend on it: the same seed and thread count give the same weights, another count may not.
