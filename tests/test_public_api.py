@@ -15,7 +15,7 @@ from flipnet import errors
 def test_key_api_is_reexported_from_the_package() -> None:
     expected = {
         "binarize": "flipnet.convert",
-        "summary": "flipnet.compress.summary",
+        "summary": "flipnet.compress",
         "Bop": "flipnet.optim",
         "Bop2ndOrder": "flipnet.optim",
         "CEMA": "flipnet.optim",
@@ -28,6 +28,7 @@ def test_key_api_is_reexported_from_the_package() -> None:
         "load_config": "flipnet.train",
         "binary_parameters": "flipnet.layers",
     }
+    assert len(flipnet.__all__) <= 27
     for name, module in expected.items():
         assert getattr(flipnet, name) is getattr(importlib.import_module(module), name), name
         assert name in flipnet.__all__ and name in dir(flipnet)
@@ -70,7 +71,7 @@ def test_old_import_paths_of_moved_errors_still_work() -> None:
     from flipnet.data import DataFormatError as a
     from flipnet.data.base import DataFormatError as b
     from flipnet.train import TrainingDiverged as c
-    from flipnet.train.loop import TrainingDiverged as d
+    from flipnet.train.loop import TrainingDiverged as d  # noqa: F401 (the loop raises it)
 
     assert a is b is errors.DataFormatError
     assert c is d is errors.TrainingDiverged
@@ -79,3 +80,94 @@ def test_old_import_paths_of_moved_errors_still_work() -> None:
 def test_did_you_mean() -> None:
     assert errors.did_you_mean("gama", ["gamma", "threshold"]) == "did you mean 'gamma'? "
     assert errors.did_you_mean("zzz", ["gamma", "threshold"]) == ""
+
+
+#: Each subpackage's promises (``__all__``), as posted by its owner; everything else is private
+#: or lives in a submodule. Changing one of these is an API change: update the docs too.
+PINNED = {
+    "flipnet.train": {"Config", "load_config", "list_recipes", "Trainer", "Callback", "TrainingDiverged", "load_run",
+                      "load_checkpoint", "save_checkpoint", "train_seeds", "train_sweep", "read_metrics"},
+    "flipnet.optim": {"FlipOptimizer", "HyperparamRange", "Bop", "Bop2ndOrder", "CEMA", "RoutedOptimizer", "OptimInfo",
+                      "register_optimizer", "list_optimizers", "get_optimizer_info", "prepare_model_for", "create_optimizer"},
+    "flipnet.models": {"ModelEntry", "ModelSpec", "ResNet", "SequentialModel", "UNet", "count_parameters", "create_model",
+                       "float_twin", "list_models", "model_entry", "model_options", "register_model"},
+    "flipnet.compress": {"summary", "export_model", "load_exported", "read_export_metadata", "PackedBinaryConv2d",
+                         "PackedBinaryLinear", "ThresholdSign", "apply_qbn", "remove_qbn", "kernel_backend", "set_kernel_mode"},
+    "flipnet.analysis": {"SignTracker", "analyze_run", "sign_dynamics", "read_snapshot", "list_snapshots", "kernel_codes",
+                         "kernel_stats", "coverage_curve", "primary_experiment", "qbn_sweep", "scaling_study"},
+    "flipnet.layers": {"BinaryLayer", "BinaryConv1d", "BinaryConv2d", "BinaryLinear", "binary_modules", "binary_parameters",
+                       "named_binary_parameters", "real_parameters", "named_real_parameters", "apply_constraints",
+                       "set_weight_mode"},
+    "flipnet.quantizers": {"Quantizer", "SteSign", "ApproxSign", "SwishSign", "SteHeaviside", "MagnitudeAwareSign",
+                           "Identity", "QUANTIZERS", "get_quantizer", "sign", "ste_sign", "approx_sign", "swish_sign",
+                           "ste_heaviside", "magnitude_aware_sign"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(PINNED))
+def test_subpackage_surfaces_are_pinned(package: str) -> None:
+    module = importlib.import_module(package)
+    assert set(module.__all__) == PINNED[package]
+    assert len(module.__all__) == len(set(module.__all__))
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["recipes"]])
+def test_cli_starts_without_torch(argv: list[str]) -> None:
+    code = (
+        "import sys\n"
+        "from flipnet.cli import main\n"
+        "try:\n"
+        f"    status = main({argv!r})\n"
+        "except SystemExit as e:\n"
+        "    status = e.code\n"
+        "heavy = [m for m in ('torch', 'numpy', 'yaml', 'flipnet.train.loop') if m in sys.modules]\n"
+        "print('HEAVY', ','.join(heavy), status, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("HEAVY"), out.stderr
+    heavy = last.split()[1] if len(last.split()) == 3 else ""
+    assert "torch" not in heavy and "flipnet.train.loop" not in heavy, last
+    assert last.endswith(" 0") or last.endswith(" None"), last
+    if argv == ["--version"]:
+        assert out.stdout.strip() == f"flipnet {flipnet.__version__}"
+
+
+def test_no_import_cycles_inside_train() -> None:
+    """Every import between train/ modules (module level and inside functions) points one way, and
+    train never imports analysis (the layer above it)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(flipnet.__file__).parent / "train"
+    edges: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        name = path.stem
+        edges[name] = set()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:  # annotations only: never executed
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    edges[name].add(node.module.split(".")[0])
+                else:
+                    edges[name].update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flipnet.train."):
+                edges[name].add(node.module.split(".")[2])
+    edges.pop("__init__", None)
+
+    def reach(start: str, seen: set[str]) -> set[str]:
+        for nxt in edges.get(start, ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                reach(nxt, seen)
+        return seen
+
+    cycles = [m for m in edges if m in reach(m, set())]
+    assert not cycles, {m: sorted(edges[m]) for m in cycles}
+    assert not any("analysis" in str(e) for e in edges.values())
