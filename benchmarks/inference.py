@@ -22,6 +22,7 @@ the median over rounds. Usage::
     python benchmarks/inference.py                 # markdown table
     python benchmarks/inference.py --json out.json # also write the numbers
     python benchmarks/inference.py --threads 1 --batch-sizes 1
+    python benchmarks/inference.py --model resnet20 --no-layers   # a residual network instead
 """
 
 from __future__ import annotations
@@ -42,20 +43,6 @@ from torch import nn
 
 from flipnet.compress import export_model, kernel_backend, load_exported
 from flipnet.compress.packed import PackedBinaryConv2d, PackedBinaryLinear
-
-#: BinaryNet's binary-input layers (used when flipnet.models is not available):
-#: name, (in, out, spatial) for 3×3 "same" convs, (in, out) for dense layers.
-KNOWN_LAYERS: list[tuple[str, str, tuple[int, ...]]] = [
-    ("conv2", "conv", (128, 128, 30)),
-    ("conv3", "conv", (128, 256, 15)),
-    ("conv4", "conv", (256, 256, 15)),
-    ("conv5", "conv", (256, 512, 7)),
-    ("conv6", "conv", (512, 512, 7)),
-    ("fc7", "dense", (4608, 1024)),
-    ("fc8", "dense", (1024, 1024)),
-    ("fc9", "dense", (1024, 10)),
-]
-
 
 def _time(fn: Callable[[], Any], reps: int) -> float:
     best = float("inf")
@@ -103,11 +90,10 @@ def _signs(*shape: int) -> torch.Tensor:
 
 
 def layer_shapes() -> list[tuple[str, str, tuple[int, ...]]]:
-    try:
-        from flipnet.layers import BinaryConv2d, BinaryLinear
-        from flipnet.models import create_model
-    except ImportError:
-        return KNOWN_LAYERS
+    """BinaryNet's binary-input layers: name, (in, out, spatial) for 3×3 "same" convs, (in, out) for dense layers."""
+    from flipnet.layers import BinaryConv2d, BinaryLinear
+    from flipnet.models import create_model
+
     model = create_model("binarynet", num_classes=10, in_channels=3, input_size=32)
     out: list[tuple[str, str, tuple[int, ...]]] = []
     x = torch.zeros(1, 3, 32, 32)
@@ -169,16 +155,18 @@ def _randomize_bn(model: nn.Module) -> None:
                     m.bias.copy_(torch.rand(n, generator=g) * 2 - 1)
 
 
-def bench_network(batches: list[int], rounds: int, reps: int, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def bench_network(batches: list[int], rounds: int, reps: int, tmp: Path, name: str = "binarynet",
+                  mode: str = "bnn") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from flipnet.layers import binary_modules, set_weight_mode
     from flipnet.models import create_model
 
-    model = create_model("binarynet", num_classes=10, in_channels=3, input_size=32)
+    kwargs: dict[str, Any] = {"mode": mode} if name != "binarynet" else {"input_size": 32}
+    model = create_model(name, num_classes=10, in_channels=3, **kwargs)
     set_weight_mode(model, "flip")
     _randomize_bn(model)
     model.eval()
-    path = tmp / "binarynet.safetensors"
-    export_model(model, path, metadata={"model": {"name": "binarynet", "kwargs": {}}})
+    path = tmp / f"{name}.safetensors"
+    export_model(model, path, metadata={"model": {"name": name, "kwargs": kwargs}})
     packed = load_exported(path)
     c_only = _force(load_exported(path), "c")
     n_binary = sum(m.weight.numel() for _, m in binary_modules(model))
@@ -199,7 +187,8 @@ def bench_network(batches: list[int], rounds: int, reps: int, tmp: Path) -> tupl
             same = bool((model(x).argmax(1) == packed(x).argmax(1)).all())
         r = compare(lambda: model(x), lambda: packed(x), rounds, max(1, reps // 2), lambda: c_only(x))
         impls = " ".join(f"{k}×{v}" for k, v in _count_impls(packed, b).items())
-        rows.append({"layer": "whole BinaryNet (32×32)", "batch": b, **r, "impl": impls, "same_predictions": same})
+        label = "whole BinaryNet (32×32)" if name == "binarynet" else f"whole {name} {mode} (32×32)"
+        rows.append({"layer": label, "batch": b, **r, "impl": impls or "-", "same_predictions": same})
     return rows, sizes
 
 
@@ -210,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     p.add_argument("--reps", type=int, default=10, help="calls per round at batch 1; fewer at larger batches")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--model", choices=("binarynet", "resnet20", "resnet18"), default="binarynet",
+                   help="network for the whole-network rows and the sizes (default: binarynet)")
+    p.add_argument("--mode", choices=("bnn", "bwn"), default="bnn", help="mode of a ResNet (default: bnn)")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer BinaryNet rows")
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -226,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         pass
     rows: list[dict[str, Any]] = []
-    for b in ns.batch_sizes:
+    for b in ([] if ns.no_layers else ns.batch_sizes):
         reps = ns.reps if b == 1 else max(2, ns.reps // 4)
         rows += bench_layers(b, ns.rounds, reps)
     with tempfile.TemporaryDirectory() as tmp:
-        net_rows, sizes = bench_network(ns.batch_sizes, ns.rounds, ns.reps, Path(tmp))
+        net_rows, sizes = bench_network(ns.batch_sizes, ns.rounds, ns.reps, Path(tmp), ns.model, ns.mode)
     rows += net_rows
     print(f"machine: {machine['cpu']}, torch {machine['torch']}, {machine['threads']} threads, kernels {machine['kernels']}\n")
     print("| layer | batch | float32 ms | packed ms | impl | speedup | C-only ms |")
