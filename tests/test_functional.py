@@ -111,4 +111,4 @@ def test_channel_mean_abs_passes_the_xnor_gradient() -> None:
 def test_public_surface_is_pinned() -> None:
     import flipnet.functional as fn
 
-    assert sorted(fn.__all__) == ["PADDING_MODES", "channel_mean_abs", "conv_nd", "explicit_padding"]
+    assert sorted(fn.__all__) == ["PADDING_MODES", "channel_mean_abs", "conv_nd", "conv_nd_int8", "explicit_padding", "linear_int8"]

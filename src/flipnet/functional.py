@@ -27,16 +27,35 @@ Per-channel mean magnitude
 :func:`channel_mean_abs` is :math:`\alpha_c = \frac{1}{n}\sum_i |W_{c,i}|` over every dimension but
 the first (the output channel), shape ``(out,)``: XNOR-Net's scale (Rastegari et al. 2016), the
 initial value of a learnable scale, and Bi-Real Net's magnitude-aware sign (Liu et al. 2018).
+
+Exact integer kernels for binary-by-binary layers
+-------------------------------------------------
+:func:`conv_nd_int8` and :func:`linear_int8` compute :math:`y = W \ast x` for inputs and weights
+holding only -1, 0 or +1 as int8 matrix products with int32 sums (:func:`torch._int_mm`, the
+CPU's VNNI/AMX-INT8 units): every product is exact and so is every sum, whatever its size, so
+the float32 result equals the fp32 convolution bit for bit. A bf16 convolution rounds its
+*output* to 8 significant bits, i.e. binary sums above 256 in magnitude (a 3×3 convolution over
+128 channels sums 1,152 terms). The convolution is an im2col product on channels-last data:
+:math:`\mathrm{cols}(x)_{(n,h,w),(i,j,c)} = \mathrm{pad}_v(x)_{n,c,sh+di,sw+dj}` times the
+weight reshaped to :math:`(k_h k_w C) \times O`.
+
+Their backward pass is a real computation (the incoming gradient :math:`g` is not binary):
+:math:`\partial L/\partial x = g \star W` and :math:`\partial L/\partial W = x \star g`, run by
+PyTorch's own convolution backward (or two matrix products) in ``grad_dtype``. With bf16 (the
+default) the products of :math:`g` and ±1 are exact, the sums accumulate in fp32 inside oneDNN,
+and two roundings remain: :math:`g` to bf16 (relative error :math:`\le 2^{-8}`) and the result to
+bf16 (:math:`\le 2^{-8}`). ``grad_dtype=torch.float32`` gives the fp32 backward.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["conv_nd", "channel_mean_abs", "explicit_padding", "PADDING_MODES"]
+__all__ = ["conv_nd", "channel_mean_abs", "explicit_padding", "conv_nd_int8", "linear_int8", "PADDING_MODES"]
 
 #: Values of ``padding_mode`` accepted by :func:`conv_nd` (those of :class:`torch.nn.Conv2d`).
 PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
@@ -151,3 +170,140 @@ def channel_mean_abs(w: Tensor) -> Tensor:
     if w.dim() == 1:
         return w.abs()
     return w.abs().flatten(1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------- int8 kernels
+def _im2col_nhwc(xp: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+                 out_hw: tuple[int, int]) -> Tensor:
+    """Rows ``(n, h, w)``, columns ``(i, j, c)`` of a padded NHWC tensor, as one contiguous matrix."""
+    n, _, _, c = xp.shape
+    s = xp.stride()
+    view = xp.as_strided(
+        (n, out_hw[0], out_hw[1], kernel[0], kernel[1], c),
+        (s[0], stride[0] * s[1], stride[1] * s[2], dilation[0] * s[1], dilation[1] * s[2], s[3]),
+    )
+    return view.reshape(n * out_hw[0] * out_hw[1], kernel[0] * kernel[1] * c)
+
+
+class _Int8Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, stride: tuple[int, int], pads: list[int],  # type: ignore[override]
+                dilation: tuple[int, int], pad_value: float, grad_dtype: torch.dtype) -> Tensor:
+        n, c, _, _ = x.shape
+        o, _, kh, kw = weight.shape
+        xi = x.detach().permute(0, 2, 3, 1).to(torch.int8)  # NHWC (a free view for channels-last x)
+        xp = F.pad(xi, [0, 0] + pads, value=int(pad_value)) if any(pads) else xi
+        xp = xp.contiguous()
+        hp, wp = xp.shape[1], xp.shape[2]
+        ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        cols = _im2col_nhwc(xp, (kh, kw), stride, dilation, (ho, wo))
+        wi = weight.detach().permute(2, 3, 1, 0).reshape(kh * kw * c, o).to(torch.int8)
+        out = torch._int_mm(cols, wi).to(torch.float32)
+        ctx.save_for_backward(xi, weight)
+        ctx.conf = (stride, pads, dilation, float(pad_value), grad_dtype, x.dtype)
+        # (N*Ho*Wo, O) is NHWC: hand it out as an NCHW tensor in channels-last memory format
+        return out.view(n, ho, wo, o).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        xi, weight = ctx.saved_tensors
+        stride, pads, dilation, pad_value, grad_dtype, x_dtype = ctx.conf
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fmt = torch.channels_last
+        x = xi.permute(0, 3, 1, 2).to(grad_dtype)
+        symmetric = pads[0] == pads[1] and pads[2] == pads[3]
+        if pad_value != 0.0 or not symmetric:
+            x = F.pad(x, pads, value=pad_value)
+            padding = [0, 0]
+        else:
+            padding = [pads[2], pads[0]]
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            g.to(grad_dtype).contiguous(memory_format=fmt), x.contiguous(memory_format=fmt),
+            weight.detach().to(grad_dtype).contiguous(memory_format=fmt), None,
+            list(stride), padding, list(dilation), False, [0, 0], 1, [need_x, need_w, False],
+        )
+        if need_x:
+            if padding == [0, 0] and any(pads):
+                gx = gx[:, :, pads[2]:gx.shape[2] - pads[3], pads[0]:gx.shape[3] - pads[1]]
+            gx = gx.to(x_dtype)
+        if need_w:
+            gw = gw.to(weight.dtype)
+        return gx, gw, None, None, None, None, None
+
+
+class _Int8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, grad_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        xi = x.detach().reshape(-1, x.shape[-1]).to(torch.int8)
+        out = torch._int_mm(xi, weight.detach().t().to(torch.int8)).to(torch.float32)
+        ctx.save_for_backward(xi, weight)
+        ctx.conf = (grad_dtype, x.dtype, x.shape)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        xi, weight = ctx.saved_tensors
+        grad_dtype, x_dtype, x_shape = ctx.conf
+        g2 = g.reshape(-1, g.shape[-1]).to(grad_dtype)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ weight.detach().to(grad_dtype)).to(x_dtype).view(x_shape)
+        if ctx.needs_input_grad[1]:
+            gw = (g2.t() @ xi.to(grad_dtype)).to(weight.dtype)
+        return gx, gw, None
+
+
+def _check_int8_operands(x: Tensor, weight: Tensor) -> None:
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError("the int8 kernels run on the CPU (torch._int_mm); use conv_nd / F.linear on other devices")
+
+
+def conv_nd_int8(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: str | int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    pad_value: float = 0.0,
+    grad_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    r"""Exact convolution of a {-1, 0, +1} input with a {-1, 0, +1} weight: int8 products, int32 sums.
+
+    Equals ``conv_nd(x, weight, stride=..., padding=..., dilation=..., pad_value=...)`` in fp32 bit
+    for bit (float32 output; :math:`|y| \le k_h k_w C < 2^{24}`); ``groups=1`` and zero padding
+    mode only, ``pad_value`` in {-1, 0, +1}. The values are *not* checked (that would cost a pass
+    over the data): an input or weight with other values gives wrong results; the binary layers
+    only call this for sign quantizers and flip-mode or sign-quantized weights. 1-D convolutions
+    run as 2-D ones of height 1. The backward pass runs in ``grad_dtype`` (see the module notes).
+    CPU only.
+    """
+    _check_int8_operands(x, weight)
+    if pad_value not in (-1.0, 0.0, 1.0):
+        raise ValueError(f"conv_nd_int8 pads with -1, 0 or +1 only (int8 exact), got pad_value={pad_value!r}")
+    one_d = weight.dim() == 3
+    if weight.dim() not in (3, 4) or x.dim() != weight.dim():
+        raise ValueError(
+            f"conv_nd_int8 needs a batched input and a 3-D or 4-D weight of the same rank, got "
+            f"{tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    n_sp = weight.dim() - 2
+    pads = explicit_padding(padding, weight.shape[2:], dilation)
+    st, dil = _tuple(stride, n_sp, "stride"), _tuple(dilation, n_sp, "dilation")
+    if one_d:
+        x, weight = x.unsqueeze(2), weight.unsqueeze(2)
+        pads, st, dil = pads + [0, 0], (1,) + st, (1,) + dil
+    out = _Int8Conv2d.apply(x, weight, st, pads, dil, float(pad_value), grad_dtype)
+    return out.squeeze(2) if one_d else out
+
+
+def linear_int8(x: Tensor, weight: Tensor, *, grad_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    r"""Exact ``F.linear(x, weight)`` for {-1, 0, +1} inputs and weights: int8 products, int32 sums.
+
+    float32 output, equal to the fp32 product bit for bit (``in_features < 2**24``); values are not
+    checked (see :func:`conv_nd_int8`). The backward pass is two matrix products in ``grad_dtype``.
+    CPU only.
+    """
+    _check_int8_operands(x, weight)
+    return _Int8Linear.apply(x, weight, grad_dtype)

@@ -44,6 +44,18 @@ Scaling (``scale``)
 
 Since the scale multiplies the output channel, it is applied to the convolution output, which
 is exactly :math:`(\alpha\,\mathrm{sign}(W)) \ast x`.
+
+Exact int8 forward (``int8_forward``)
+-------------------------------------
+With ``layer.int8_forward = True`` (set for a whole model by ``train.precision=int8``, see
+:class:`flipnet.train.fast.Precision`) a layer whose inputs *and* weights are signs computes
+:math:`q_w(W) \ast q_x(x)` on the CPU as an int8 matrix product with int32 sums
+(:func:`flipnet.functional.conv_nd_int8`): exact, equal to the fp32 result, and not rounded by
+bf16 autocast. It applies where the input quantizer is ``ste_sign``, ``approx_sign``,
+``swish_sign`` or ``ste_heaviside``, the weight is in flip mode or quantized by one of those
+(not ``magnitude_aware_sign``, not parametrized), ``groups=1``, ``padding_mode='zeros'``,
+``pad_value`` in {-1, 0, +1} and the input is a batch on the CPU; any other layer or call runs
+the float path unchanged. The backward pass runs in bf16 (``int8_grad_dtype``).
 """
 
 from __future__ import annotations
@@ -56,8 +68,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .functional import channel_mean_abs, conv_nd
-from .quantizers import QuantizerLike, get_quantizer, is_binary_quantizer, quantizer_name, sign
+from .functional import channel_mean_abs, conv_nd, conv_nd_int8, linear_int8
+from .quantizers import (
+    ApproxSign,
+    QuantizerLike,
+    SteHeaviside,
+    SteSign,
+    SwishSign,
+    get_quantizer,
+    is_binary_quantizer,
+    quantizer_name,
+    sign,
+)
 
 #: The public surface; ``WEIGHT_MODES`` and ``SCALES`` (the valid option values) stay importable for
 #: the package's own validation.
@@ -78,6 +100,8 @@ __all__ = [
 WeightMode = Literal["latent", "flip"]
 Scale = Literal["none", "xnor", "learnable"]
 WEIGHT_MODES: tuple[str, ...] = ("latent", "flip")
+# Quantizers whose outputs are exactly -1, 0 or +1 (int8-exact); magnitude_aware_sign scales them.
+_SIGN_VALUED = (SteSign, ApproxSign, SwishSign, SteHeaviside)
 SCALES: tuple[str, ...] = ("none", "xnor", "learnable")
 
 
@@ -96,6 +120,10 @@ class BinaryLayer(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter | None
     scale: nn.Parameter | None
+    #: compute the forward product as an exact int8 GEMM where the layer allows it (module notes).
+    int8_forward: bool = False
+    #: dtype of the backward products of the int8 path (bf16: exact products, rounded results).
+    int8_grad_dtype: torch.dtype = torch.bfloat16
 
     def _init_binary(
         self,
@@ -198,6 +226,16 @@ class BinaryLayer(nn.Module):
 
     def _channel_view(self, t: Tensor, out: Tensor) -> Tensor:
         return t.to(out.dtype)
+
+    def _int8_applies(self, x: Tensor) -> bool:
+        """True where this call may use the exact int8 product (see the module notes)."""
+        return (
+            self.int8_forward
+            and x.device.type == "cpu"
+            and isinstance(self.input_quantizer, _SIGN_VALUED)
+            and (self.weight_mode == "flip" or isinstance(self.weight_quantizer, _SIGN_VALUED))
+            and not parametrize.is_parametrized(self, "weight")
+        )
 
     def _finish(self, out: Tensor) -> Tensor:
         alpha = self.output_scale()
@@ -324,6 +362,18 @@ class _BinaryConvNd(BinaryLayer):
         return t.to(out.dtype).view((-1,) + (1,) * len(self.kernel_size))
 
     def forward(self, x: Tensor) -> Tensor:
+        if (
+            self._int8_applies(x)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and self.pad_value in (-1.0, 0.0, 1.0)
+            and x.dim() == self.weight.dim()
+        ):
+            out = conv_nd_int8(
+                self.input_quantizer(x), self.quantized_weight(), stride=self.stride, padding=self.padding,
+                dilation=self.dilation, pad_value=self.pad_value, grad_dtype=self.int8_grad_dtype,
+            )
+            return self._finish(out)
         x = self.input_quantizer(x)
         w = self.quantized_weight().to(x.dtype)
         out = conv_nd(
@@ -444,6 +494,9 @@ class BinaryLinear(BinaryLayer, nn.Linear):
         self._init_binary(input_quantizer, weight_quantizer, weight_mode, scale, weight_clip)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._int8_applies(x) and x.dim() >= 2:
+            out = linear_int8(self.input_quantizer(x), self.quantized_weight(), grad_dtype=self.int8_grad_dtype)
+            return self._finish(out)
         x = self.input_quantizer(x)
         out = F.linear(x, self.quantized_weight().to(x.dtype))
         return self._finish(out)

@@ -52,6 +52,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import warnings
 from typing import Any, Callable, Iterable, Literal
 
@@ -59,6 +61,9 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "Precision",
+    "select_precision",
+    "cpu_features",
     "TrainStep",
     "make_train_step",
     "prepare_model",
@@ -487,3 +492,133 @@ def make_train_step(
         metrics_fn=metrics_fn,
     )
 
+
+
+# ----------------------------------------------------------------------------- precision
+#: Values of ``train.precision`` that :func:`select_precision` accepts.
+PRECISION_SETTINGS: tuple[str, ...] = ("fp32", "tf32", "bf16", "int8", "auto")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo`` on Linux, e.g. ``avx512_bf16``, ``amx_int8``).
+
+    Empty where they cannot be read (other systems): :func:`select_precision` then stays on fp32
+    for ``auto`` on the CPU.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    r"""The arithmetic a run uses, resolved from ``train.precision`` for one device.
+
+    ``name`` (what runs, never ``auto``), the exactness of each mode (tested in
+    ``tests/test_int8_precision.py``; measured speeds in ``docs/performance.md``):
+
+    ``fp32``
+        fp32 everywhere (the paper setting). Binary-by-binary products and sums are exact up to
+        :math:`2^{24}`; real values round as fp32 does.
+    ``tf32``
+        fp32, with TF32 tensor-core matrix products on CUDA (inputs rounded to 10 mantissa bits:
+        exact for ±1 by ±1, rounds real inputs); on a CPU it is fp32.
+    ``bf16``
+        bf16 autocast: products of ±1 are exact and accumulate in fp32, but a convolution's or
+        dense layer's *output* is stored in bf16 (8 significant bits), so binary sums above 256
+        in magnitude are rounded (relative error :math:`\le 2^{-8}`); real activations, the first
+        layer's input and every backward product are rounded to bf16 as well.
+    ``int8``
+        CPU only: the forward product of every binary-by-binary layer is an int8 matrix product
+        with int32 sums (:func:`flipnet.functional.conv_nd_int8`): exact, equal to fp32 bit for
+        bit. Everything else runs under bf16 autocast as in ``bf16`` (layers with real inputs or
+        weights, and the backward products of all layers: :math:`g` rounded to bf16, exact
+        products with ±1, fp32 sums, result stored in bf16).
+
+    Attributes:
+        name: ``"fp32"``, ``"tf32"``, ``"bf16"`` or ``"int8"``.
+        amp_dtype: the autocast dtype for :func:`make_train_step` and evaluation (``None``: off).
+        int8: the binary layers' exact int8 forward is switched on by :meth:`apply`.
+        reason: why ``auto`` chose it (or ``"train.precision"``).
+    """
+
+    name: str
+    amp_dtype: torch.dtype | None
+    int8: bool = False
+    reason: str = "train.precision"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Switch every binary layer's exact int8 forward on (``int8``) or off; returns ``model``.
+
+        Layers that cannot use it (real inputs or weights, ``magnitude_aware_sign``, groups, ...)
+        keep the float path; see :mod:`flipnet.layers`.
+        """
+        from flipnet.layers import binary_modules  # noqa: PLC0415 (layers sit below train)
+
+        for _, layer in binary_modules(model):
+            layer.int8_forward = self.int8
+        return model
+
+
+def _cpu_has_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_features())
+
+
+def _cpu_has_int8() -> bool:
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_features())
+
+
+def select_precision(device: torch.device | str, setting: str | bool | None, model: nn.Module | None = None) -> Precision:
+    """Resolve ``train.precision`` (``fp32``, ``tf32``, ``bf16``, ``int8``, ``auto``) for ``device``.
+
+    ``auto`` picks the fastest mode that is exact where it matters:
+
+    * CUDA: ``bf16`` where the GPU supports it, else ``fp32``;
+    * CPU with native bf16 and int8 dot products (``avx512_bf16``/``amx_bf16`` and
+      ``avx512_vnni``/``amx_int8``): ``int8`` when ``model`` has a binary layer with binary
+      inputs (exact binary forward, bf16 elsewhere), else ``bf16``;
+    * CPU with bf16 only: ``bf16``; any other CPU: ``fp32`` (bf16 without hardware support is
+      emulated and slower than fp32).
+
+    The older ``train.amp`` values are accepted: ``True`` is ``bf16``, ``False``/``None`` is
+    ``fp32``. ``int8`` on a non-CPU device raises ``ValueError``.
+    """
+    device = torch.device(device)
+    if setting is True:
+        setting = "bf16"
+    elif setting is False or setting is None:
+        setting = "fp32"
+    if not isinstance(setting, str) or setting not in PRECISION_SETTINGS:
+        raise ValueError(f"train.precision must be one of {', '.join(PRECISION_SETTINGS)}, got {setting!r}")
+    if setting in ("fp32", "tf32"):
+        return Precision(setting, None)
+    if setting == "bf16":
+        return Precision("bf16", torch.bfloat16)
+    if setting == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"train.precision=int8 runs on the CPU only (torch._int_mm); the run is on {device.type}")
+        return Precision("int8", torch.bfloat16, int8=True)
+    # auto
+    if device.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return Precision("bf16", torch.bfloat16, reason="auto: a CUDA device with bf16")
+        return Precision("fp32", None, reason="auto: a CUDA device without bf16")
+    if device.type != "cpu":
+        return Precision("fp32", None, reason=f"auto: {device.type} device")
+    if not _cpu_has_bf16():
+        return Precision("fp32", None, reason="auto: this CPU has no native bf16 (avx512_bf16/amx_bf16)")
+    if _cpu_has_int8() and model is not None and _has_int8_layers(model):
+        return Precision("int8", torch.bfloat16, int8=True, reason="auto: CPU with bf16 and int8 dot products")
+    return Precision("bf16", torch.bfloat16, reason="auto: CPU with native bf16")
+
+
+def _has_int8_layers(model: nn.Module) -> bool:
+    from flipnet.layers import binary_modules  # noqa: PLC0415
+
+    return any(layer.binary_inputs and layer.has_binary_weight for _, layer in binary_modules(model))
