@@ -606,7 +606,7 @@ class Trainer:
 
     def _start_line(self) -> str:
         c, d = self.config, self.data
-        sizes = f"{len(d.train_y)} train / " + (f"{len(d.split('val')[1])} validation / " if self.val_loader else "") + f"{len(d.test_y)} test"
+        sizes = f"{len(d.train_y)} train / " + (f"{len(d.val_y)} validation / " if self.val_loader else "") + f"{len(d.test_y)} test"
         where = f"{self.device}" + (f" x {self.dist.world_size} processes" if self.dist.enabled else "")
         runs = f"{len(self.members)} runs ({', '.join(m.label for m in self.members)}) of " if len(self.members) > 1 else ""
         resumed = (f", resuming after epoch {self.epoch}" + (f" step {self.step}" if self.batch_in_epoch else "")) if self.epoch or self.step else ""
@@ -735,7 +735,7 @@ class Trainer:
             return evaluate_ensemble(self.ensemble, loader, self.amp_dtype, self.device)
         broadcast_buffers(self.model)
         n = len(loader.dataset) if hasattr(loader, "dataset") else None
-        n = n if isinstance(n, int) else (len(self.data.split("val" if loader is self.val_loader else "test")[1]))
+        n = n if isinstance(n, int) else len(self.data.val_y if loader is self.val_loader else self.data.test_y)
         share = len(range(self.dist.rank, n, self.dist.world_size))
         return [evaluate(self.model, loader, self.device, self.amp_dtype, max_samples=share)]
 
