@@ -147,6 +147,7 @@ CONFIG_CASES = [
     pytest.param(["data.batch_size=2.5"], ["data.batch_size must be an integer"], id="batch-size-float"),
     pytest.param(["data.val_size=5000"], ["data.val_size=5000", "leaves none to train on"], id="val-size-too-big"),
     pytest.param(["data.augment=[flip]"], ["does not allow the 'flip' augmentation", "mirrored digit"], id="augment-flip-digits"),
+    pytest.param(["data.augment=true"], ["'digits' has no default augmentation", "87.5%"], id="augment-true-digits"),
     pytest.param(["train.device=gpu"], ["train.device must be auto, cpu, cuda or cuda:N"], id="bad-device"),
     pytest.param(["train.threads=0"], ["train.threads must be positive"], id="zero-threads"),
     pytest.param(["train.precision=fp16"], ["train.precision must be fp32 or tf32 or bf16 or int8 or auto"], id="bad-precision"),
@@ -336,14 +337,12 @@ def test_resume_refuses_a_changed_trajectory(capsys, work: Path, run_copy: Path,
     check_cli_error(capsys, work, ["train", "--resume", run_copy, override], key, "--force")
 
 
-@xfail_until("H1", "resume --force rewrites config.yaml before it finds metrics.jsonl damaged, so the refused resume changed a file")
 def test_resume_with_damaged_metrics(capsys, work: Path, run_copy: Path) -> None:
     metrics = run_copy / "metrics.jsonl"
     metrics.write_text(metrics.read_text()[:-20] + "\n{not json\n")
     check_cli_error(capsys, work, ["train", "--resume", run_copy, "train.epochs=2", "--force"], "metrics.jsonl")
 
 
-@xfail_until("H1", "a run whose last.pt is missing although metrics.jsonl records epochs restarts from scratch (rc 0) instead of refusing")
 def test_resume_without_checkpoint(capsys, work: Path, run_copy: Path) -> None:
     (run_copy / "checkpoints" / "last.pt").unlink()
     check_cli_error(capsys, work, ["train", "--resume", run_copy, "train.epochs=2", "--force"], "last.pt")
@@ -383,7 +382,6 @@ def _exported(capsys, run: Path) -> Path:
     return run.parent / "model.safetensors"
 
 
-@xfail_until("H2", "flipnet eval of a truncated .safetensors export raises a raw SafetensorError")
 def test_truncated_export_to_eval(capsys, work: Path, run_copy: Path) -> None:
     path = _exported(capsys, run_copy)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -483,8 +481,6 @@ def _flipnet(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-@xfail_until("H1", "a full disk while saving a checkpoint: torch.save raises RuntimeError('basic_ios::clear: iostream error'), "
-             "not OSError, and it escapes with a traceback (train/checkpoint.py -> utils.atomic_torch_save)")
 def test_disk_full_in_a_real_process(work: Path) -> None:
     """RLIMIT_FSIZE makes every write past 20 kB fail with EFBIG, like a full disk."""
 
