@@ -272,3 +272,37 @@ def test_cuda_step_does_not_sync(name):
 def test_tensor_hyperparameters_are_not_read_back_in_cpp():
     # torch._foreach_lerp_ takes one weight only as a Scalar: a tensor hyperparameter was .item()-ed in C++
     step_with_meta_hyperparameters(Bop, gamma=0.1, threshold=1e-3)
+
+
+def test_nan_scores_never_flip_and_a_negative_zero_threshold_acts_as_zero():
+    # the rule w·m > τ is applied with arithmetic (r = τ − w·m, flip where r < 0): check its edges
+    nan = torch.tensor(float("nan"))
+    w = torch.nn.Parameter(torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0]))
+    opt = Bop([w], gamma=1.0, threshold=-0.0)  # γ = 1: m = g
+    w.grad = torch.stack([nan, -nan, torch.tensor(0.0), torch.tensor(-0.0),
+                          torch.tensor(3e38), torch.tensor(-3e38), torch.tensor(1e-45)])
+    opt.step()
+    assert w.detach().tolist() == [1.0, -1.0, 1.0, -1.0, -1.0, 1.0, -1.0]  # huge and subnormal scores flip
+    assert int(opt.flip_counts()[w]) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_flip_counts_are_exact_in_every_dtype(dtype):
+    n = 3001  # more flips than bf16 and fp16 hold exactly
+    w = torch.nn.Parameter(torch.ones(n, dtype=dtype))
+    opt = Bop([w], gamma=1.0, threshold=0.0)
+    w.grad = torch.ones(n, dtype=dtype)
+    w.grad[::3] = -1.0
+    opt.step()
+    assert int(opt.flip_counts()[w]) == n - len(range(0, n, 3)) == int((w.detach() == -1).sum())
+
+
+@pytest.mark.slow
+def test_flip_count_of_a_tensor_above_two_to_the_24_is_exact():
+    n = 2**24 + 3  # float32 sums of ±1 stop being exact here; the count is summed in slices
+    w = torch.nn.Parameter(torch.ones(n))
+    opt = Bop([w], gamma=1.0, threshold=0.0)
+    w.grad = torch.ones(n)
+    w.grad[:5] = -1.0
+    opt.step()
+    assert int(opt.flip_counts()[w]) == n - 5

@@ -12,9 +12,11 @@ This module provides what :class:`~flipnet.optim.Bop`, :class:`~flipnet.optim.Bo
 * on-device ``int64`` flip counters per tensor (:meth:`FlipOptimizer.flip_counts`), updated
   without a host synchronisation, so a step can be captured in a CUDA graph;
 * the step loop: the subclass updates its moving averages of a whole group at once
-  (``torch._foreach_*`` kernels, in place) and writes each tensor's flip score into a reused
-  scratch buffer; the base class thresholds the score, counts and applies the flips. Once the
-  scratch buffers exist, a step allocates no parameter-sized temporaries.
+  (``torch._foreach_*`` kernels, in place) and gives each tensor's flip score (a state tensor,
+  or one written into a reused scratch buffer); the base class applies the rule
+  :math:`w s > \tau` with floating-point arithmetic only (no comparison masks, no
+  ``torch.where``: on CPUs those cost several times an addition), counts and applies the
+  flips. Once the scratch buffer exists, a step allocates no parameter-sized temporaries.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ __all__ = ["FlipOptimizer", "Hyperparameter", "HyperparamRange"]
 
 #: A hyperparameter value: a Python number or a 0-d floating-point tensor.
 Hyperparameter = Union[float, Tensor]
+
+#: Largest float32 sum of ±1 values that is exact whatever the order of additions.
+_EXACT_SUM = 2**24
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class FlipOptimizer(Optimizer):
     ``score > threshold``). The base class negates the flipped weights and counts them.
 
     Memory: the state of the subclass plus one scratch buffer per (device, dtype) of the
-    largest parameter's size and one ``bool`` buffer of the same length.
+    largest parameter's size.
 
     Flip statistics
     ---------------
@@ -129,7 +134,7 @@ class FlipOptimizer(Optimizer):
         self.count_flips = bool(count_flips)
         self._flip_counts: dict[Tensor, Tensor] = {}
         self._num_steps = 0
-        self._scratch_buffers: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._scratch_buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -187,37 +192,63 @@ class FlipOptimizer(Optimizer):
         raise NotImplementedError(f"{type(self).__name__} must implement _update_moments")
 
     def _score(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], out: Tensor) -> Tensor:
-        """Write the flip score of ``p`` into ``out`` and return it; ``p`` flips where score > threshold."""
+        """The flip score :math:`s` of ``p``: the weight flips where :math:`w s > \\tau`.
+
+        Return a state tensor as it is (Bop: ``m``) or write into ``out`` and return it; the
+        score must not depend on ``p`` (the base class multiplies by the weight).
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement _score")
 
     def _threshold(self, group: dict[str, Any]) -> Hyperparameter:
         """The flip threshold of a group (``group["threshold"]`` unless overridden)."""
         return group["threshold"]
 
-    def _scratch(self, p: Tensor) -> tuple[Tensor, Tensor]:
-        """Scratch views shaped like ``p``: one of ``p``'s dtype and one bool.
+    def _scratch(self, p: Tensor) -> Tensor:
+        """A scratch view shaped (and strided) like ``p``, of ``p``'s dtype.
 
-        One pair of flat buffers per (device, dtype), as large as the largest parameter, is
-        reused by every tensor and every step: a fresh allocation per step costs more than the
-        arithmetic on CPU (page faults) and would break CUDA-graph capture.
+        One flat buffer per (device, dtype), as large as the largest parameter, is reused by
+        every tensor and every step: a fresh allocation per step costs more than the arithmetic
+        on CPU (page faults) and would break CUDA-graph capture.
         """
         key = (p.device, p.dtype)
-        bufs = self._scratch_buffers.get(key)
+        buf = self._scratch_buffers.get(key)
         n = p.numel()
-        if bufs is None or bufs[0].numel() < n:
+        if buf is None or buf.numel() < n:
             size = max(n, max((q.numel() for g in self.param_groups for q in g["params"]
                                if q.device == p.device and q.dtype == p.dtype), default=n))
-            bufs = (torch.empty(size, dtype=p.dtype, device=p.device),
-                    torch.empty(size, dtype=torch.bool, device=p.device))
-            self._scratch_buffers[key] = bufs
+            buf = self._scratch_buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
         if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
             # same strides as the parameter, so element-wise kernels see matching layouts
-            return bufs[0].as_strided(p.shape, p.stride()), bufs[1].as_strided(p.shape, p.stride())
-        return bufs[0][:n].view(p.shape), bufs[1][:n].view(p.shape)
+            return buf.as_strided(p.shape, p.stride())
+        return buf[:n].view(p.shape)
+
+    def _count_negatives(self, signs: Tensor, p: Tensor) -> Tensor:
+        """Number of −1 entries of ``signs`` (which holds only ±1), as a 0-d ``int64`` on device.
+
+        ``n − Σ signs = 2·(number of −1)``. In float32 every partial sum of ±1 values is an
+        integer of magnitude at most ``n``, so the sum is exact for ``n ≤ 2**24``; larger
+        tensors are summed in slices of ``2**24`` and the slice sums added in float64. Other
+        dtypes (bf16, fp16) count with a comparison instead.
+        """
+        n = p.numel()
+        flat = self._scratch_buffers[(p.device, p.dtype)][:n]  # the same elements as ``signs``
+        if p.dtype not in (torch.float32, torch.float64):
+            return torch.count_nonzero(torch.lt(flat, 0))
+        if n <= _EXACT_SUM:
+            total = flat.sum()
+        else:
+            total = torch.stack([c.sum() for c in flat.split(_EXACT_SUM)]).double().sum()
+        return (n - total).mul_(0.5).to(torch.int64)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Update the moving averages and flip the weights whose rule fires.
+        r"""Update the moving averages and flip the weights whose rule fires.
+
+        The rule :math:`w s > \tau` is evaluated without comparisons or masks: with
+        :math:`r = \tau - w s` (one rounding of an exact product, so the sign of ``r`` is that
+        of the exact difference and ``r = +0`` on a tie), the new weight is
+        :math:`w \cdot \operatorname{copysign}(1, r)`: it flips exactly where :math:`r < 0`.
+        A NaN score never flips (``r`` is set to +1 there).
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
@@ -248,18 +279,26 @@ class FlipOptimizer(Optimizer):
                 continue
             self._update_moments(group, params, grads, states)
             threshold = self._threshold(group)
+            # +0.0 turns a threshold of −0.0 into +0.0, so that a tie gives r = +0 (no flip).
+            taus: dict[tuple[torch.device, torch.dtype], Tensor] = {}
             for p, state in zip(params, states):
-                buf, mask = self._scratch(p)
+                tau = taus.get((p.device, p.dtype))
+                if tau is None:
+                    tau = taus[(p.device, p.dtype)] = (
+                        threshold + 0.0 if isinstance(threshold, Tensor)
+                        else torch.full((), float(threshold) + 0.0, dtype=p.dtype, device=p.device)
+                    )
+                buf = self._scratch(p)
                 score = self._score(group, p, state, buf)
-                torch.gt(score, threshold, out=mask)
+                torch.addcmul(tau, p, score, value=-1, out=buf)  # r = τ − w·s
+                torch.nan_to_num(buf, nan=1.0, out=buf)  # NaN: no flip (±inf keep their sign)
+                torch.copysign(p, buf, out=buf)  # |w| = 1 with the sign of r: +1 keep, −1 flip
                 if self.count_flips:
                     counter = self._flip_counts.get(p)
                     if counter is None:
                         counter = self._flip_counts[p] = torch.zeros((), dtype=torch.int64, device=p.device)
-                    counter.add_(torch.count_nonzero(mask))
-                # w ∈ {−1, +1}: negating the masked entries keeps it there.
-                torch.neg(p, out=score)
-                torch.where(mask, score, p, out=p)
+                    counter.add_(self._count_negatives(buf, p))
+                p.mul_(buf)  # w ∈ {−1, +1} times ±1 stays in {−1, +1}
         self._num_steps += 1
         return loss
 

@@ -77,7 +77,7 @@ class Bop(FlipOptimizer):
         foreach_lerp_([s["m"] for s in states], grads, group["gamma"])  # m ← m + γ(g − m)
 
     def _score(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], out: Tensor) -> Tensor:
-        return torch.mul(p, state["m"], out=out)  # w·m
+        return state["m"]  # flips where w·m > τ
 
 
 register_optimizer(OptimInfo("bop", Bop, "flip", description="Bop (Helwegen et al. 2019)"))

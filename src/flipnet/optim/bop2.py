@@ -87,17 +87,15 @@ class Bop2ndOrder(FlipOptimizer):
         foreach_lerp_([s["m"] for s in states], grads, group["gamma"])  # m ← m + γ(g − m)
         vs = [s["v"] for s in states]
         for v, g in zip(vs, grads):  # v ← v + σ(g² − v), with g² in the scratch buffer
-            v.lerp_(torch.mul(g, g, out=self._scratch(v)[0]), group["sigma"])
+            v.lerp_(torch.mul(g, g, out=self._scratch(v)), group["sigma"])
 
     def _score(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], out: Tensor) -> Tensor:
         m, v = state["m"], state["v"]
         if group["unbiased"]:  # (m/γ) / (√(v/σ) + ε)
             torch.div(v, group["sigma"], out=out).sqrt_().add_(EPS)
-            torch.div(m, out, out=out).div_(group["gamma"])
-        else:  # m / (√v + ε)
-            torch.sqrt(v, out=out).add_(EPS)
-            torch.div(m, out, out=out)
-        return out.mul_(p)
+            return torch.div(m, out, out=out).div_(group["gamma"])
+        torch.sqrt(v, out=out).add_(EPS)  # m / (√v + ε)
+        return torch.div(m, out, out=out)
 
 
 register_optimizer(OptimInfo("bop2ndorder", Bop2ndOrder, "flip", aliases=("bop2",),

@@ -77,7 +77,7 @@ class CEMA(FlipOptimizer):
         return 0.0
 
     def _score(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], out: Tensor) -> Tensor:
-        return torch.mul(p, state["inertia"], out=out)  # I·w
+        return state["inertia"]  # flips where w·I > 0
 
 
 register_optimizer(OptimInfo(
