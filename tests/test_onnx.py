@@ -164,6 +164,31 @@ def test_resnet_variants() -> None:
         np.testing.assert_allclose(got, ref, atol=TOL * max(1.0, float(np.abs(ref).max())), rtol=0)
 
 
+@pytest.mark.parametrize("opset", [17, DEFAULT_OPSET, 20])
+def test_layer_coverage(opset: int) -> None:
+    from flipnet.layers import BinaryConv1d
+    from flipnet.quantizers import SteHeaviside
+
+    torch.manual_seed(0)
+    gelu = nn.GELU(approximate="tanh") if opset >= 20 else nn.GELU()
+    cases = [
+        (nn.Sequential(BinaryConv1d(2, 4, 3, padding=1, input_quantizer="ste_sign", pad_value=1.0), nn.BatchNorm1d(4),
+                       nn.Flatten(), BinaryLinear(28, 5, input_quantizer="approx_sign")), (2, 7)),
+        (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Hardtanh(), nn.AvgPool2d(2), nn.SiLU(), nn.AdaptiveAvgPool2d(2),
+                       gelu, nn.Flatten(), nn.Linear(16, 5), nn.Softmax(dim=1)), (3, 8, 8)),
+        (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(3, 2, 1), nn.Sigmoid(), nn.Flatten(),
+                       nn.Linear(64, 3), nn.LogSoftmax(dim=1)), (3, 8, 8)),
+        (nn.Sequential(SteHeaviside(), BinaryConv2d(3, 4, 3, padding="same", bias=True, dilation=2), nn.ReLU()), (3, 8, 8)),
+        (nn.Sequential(BinaryConv2d(4, 4, 3, padding=1, groups=2, stride=2, input_quantizer="swish_sign", pad_value=-1.0),
+                       nn.BatchNorm2d(4), BinaryConv2d(4, 2, 1, input_quantizer="ste_sign")), (4, 9, 9)),
+    ]
+    for model, shape in cases:
+        model.eval()
+        x = torch.randn(3, *shape)
+        got = run_ort(export_onnx(model, None, input_shape=shape, opset=opset), x)
+        np.testing.assert_allclose(got, logits(model, x).numpy(), atol=1e-5, rtol=0)
+
+
 def test_model_state_is_unchanged(tmp_path: Path) -> None:
     model = create_model("binary_mlp", input_size=8, hidden_sizes=(16,)).train()
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
