@@ -106,7 +106,7 @@ def test_segmentation_split_is_random() -> None:
 def test_each_data_set_declares_its_augmentations() -> None:
     assert resolve_augment("cifar10", True) == (("crop", "flip"), 4)
     assert resolve_augment("svhn", True) == (("crop",), 4)
-    assert resolve_augment("digits", True) == (("crop",), 1)
+    assert resolve_augment("digits", ["crop"]) == (("crop",), 1)
     assert resolve_augment("mnist", True) == (("crop",), 2)
     assert resolve_augment("cifar10", ["flip"]) == (("flip",), 4)
     assert resolve_augment("digits", False) == ((), 1)
@@ -118,10 +118,15 @@ def test_flipping_digits_is_refused_with_a_reason(name: str) -> None:
         resolve_augment(name, ["crop", "flip"])
 
 
-def test_digits_augment_true_shifts_by_at_most_one_pixel_and_never_flips() -> None:
+def test_digits_refuse_augment_true_with_the_measured_reason() -> None:
+    with pytest.raises(ConfigError, match=r"data set 'digits' has no default augmentation: a 1-pixel shift .*98.3% -> 87.5%"):
+        resolve_augment("digits", True)
+
+
+def test_digits_crop_shifts_by_at_most_one_pixel_and_never_flips() -> None:
     b = load_dataset("digits", subset=64)
     plain = make_loader(b, "train", 64, train=True, device="cpu", augment=False, seed=3)
-    aug = make_loader(b, "train", 64, train=True, device="cpu", augment=True, seed=3)
+    aug = make_loader(b, "train", 64, train=True, device="cpu", augment=["crop"], seed=3)
     assert aug.pad == 1 and aug.flip is False
     plan = aug.plan(0)
     assert int(plan.ox.max()) <= 2 and int(plan.oy.max()) <= 2 and not plan.flip.any()

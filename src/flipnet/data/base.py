@@ -195,7 +195,8 @@ class AugmentPolicy:
             so ``augment=True`` is refused).
         pad: the crop's zero padding, i.e. the largest shift in pixels (4 for 32×32 images as in
             the Bop reference; 1 for 8×8 digits).
-        reasons: one sentence per refused augmentation, shown in the error.
+        reasons: one sentence per refused augmentation, shown in the error (key ``"default"``:
+            why ``augment=True`` has no default).
     """
 
     allowed: tuple[str, ...] = AUGMENTATIONS
@@ -485,9 +486,11 @@ def resolve_augment(name: str, augment: bool | str | Sequence[str]) -> tuple[tup
         return (), policy.pad
     if augment is True:
         if not policy.default:
+            why = policy.reasons.get("default")
             raise ConfigError(
-                f"data set {name!r} declares no default augmentation (allowed: {', '.join(policy.allowed) or 'none'}); "
-                "set data.augment=false or list the ones you want"
+                f"data set {name!r} has no default augmentation{': ' + why if why else ''} "
+                f"(allowed: {', '.join(policy.allowed) or 'none'}); set data.augment=false, or list the ones you want, "
+                f"e.g. data.augment=[{policy.allowed[0] if policy.allowed else 'crop'}]"
             )
         return tuple(policy.default), policy.pad
     names = (augment,) if isinstance(augment, str) else tuple(augment)
