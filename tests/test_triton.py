@@ -52,16 +52,20 @@ INTERPRETED = textwrap.dedent(
                     (65, 3, 129), (3, 130, 300), (70, 9, 4608 // 9)]:
         a, w = pm1(m, k), pm1(n, k)
         aw, ww = pack_words(a, dim=1), pack_words(w, dim=1)
-        got = T.xnor_gemm(aw, ww, k)
-        assert got.dtype == torch.float32 and got.shape == (m, n)
-        assert torch.equal(got, _xnor_gemm_torch(aw, ww, k)), (m, n, k)
-        assert torch.equal(got, a @ w.T), (m, n, k)
+        want = a @ w.T
+        assert torch.equal(_xnor_gemm_torch(aw, ww, k), want)
+        for config in T.CONFIGS:  # every kernel configuration the GPU may choose
+            got = T.xnor_gemm(aw, ww, k, config=config)
+            assert got.dtype == torch.float32 and got.shape == (m, n)
+            assert torch.equal(got, want), (m, n, k, config)
+        assert torch.equal(T.xnor_gemm(aw, ww, k), want)
     # random words with zero padding bits (all 64 bits used in the full words)
     for m, n, kw in [(4, 6, 1), (9, 17, 3)]:
         k = kw * 64
         aw = torch.randint(-2**63, 2**63 - 1, (m, kw), generator=g, dtype=torch.int64)
         ww = torch.randint(-2**63, 2**63 - 1, (n, kw), generator=g, dtype=torch.int64)
-        assert torch.equal(T.xnor_gemm(aw, ww, k), _xnor_gemm_torch(aw, ww, k))
+        for config in T.CONFIGS:
+            assert torch.equal(T.xnor_gemm(aw, ww, k, config=config), _xnor_gemm_torch(aw, ww, k)), config
 
     # 2. packing: 2-d and 4-d in both memory formats, zeros (+1) and NaN (-1), ragged channels
     for shape in [(3, 1), (4, 31), (5, 64), (2, 65), (7, 130)]:
@@ -156,6 +160,11 @@ def test_hardware_popcount_kernels_compile_for_hopper() -> None:
             pytest.skip(f"cannot compile for CUDA here: {str(e)[:200]}")
         raise
     assert "popc.b32" in compiled.asm["ptx"]
+    ints = {k: "i32" for k in ("M", "N", "KW", "k_bits", "stride_om")}
+    kmajor = ASTSource(fn=T._gemm_kmajor_kernel, signature={"a_ptr": "*i32", "w_ptr": "*i32", "out_ptr": "*fp32", **ints,
+                                                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HW_POPC": "constexpr"},
+                       constexprs={"BLOCK_M": 128, "BLOCK_N": 128, "HW_POPC": True})
+    assert "popc.b32" in triton.compile(kmajor, target=target).asm["ptx"]
     ints = {k: "i32" for k in ("P", "C", "CW", "stride_outer", "stride_inner", "inner", "stride_c")}
     pack = ASTSource(fn=T._pack_kernel, signature={"x_ptr": "*fp32", "out_ptr": "*i32", **ints, "BLOCK_P": "constexpr"},
                      constexprs={"BLOCK_P": 128})
@@ -192,9 +201,12 @@ def test_triton_kernels_on_cuda_match_the_reference() -> None:
         a = torch.where(torch.rand(m, k, generator=g) < 0.5, -1.0, 1.0)
         w = torch.where(torch.rand(n, k, generator=g) < 0.5, -1.0, 1.0)
         aw, ww = pack_words(a, dim=1).cuda(), pack_words(w, dim=1).cuda()
-        got = T.xnor_gemm(aw, ww, k)
-        assert torch.equal(got, _xnor_gemm_torch(aw, ww, k)), (m, n, k)
+        want = _xnor_gemm_torch(aw, ww, k)
+        assert torch.equal(T.xnor_gemm(aw, ww, k), want), (m, n, k)  # the configuration chosen by timing
+        for config in T.CONFIGS:
+            assert torch.equal(T.xnor_gemm(aw, ww, k, config=config), want), (m, n, k, config)
         assert torch.equal(T.pack_signs(a.cuda()), aw)
+    assert T._TUNED and set(T._TUNED.values()) <= set(T.CONFIGS)
     conv = PackedBinaryConv2d.from_signs(torch.where(torch.rand(64, 96, 3, 3, generator=g) < 0.5, -1.0, 1.0), 1, 1, 1, 0.0).cuda()
     x = torch.randn(3, 96, 9, 9, generator=g).cuda()
     conv.impl = "torch"

@@ -100,6 +100,24 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _gemm_kmajor_kernel(a_ptr, w_ptr, out_ptr, M, N, KW, k_bits, stride_om,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HW_POPC: tl.constexpr):
+        # word-major operands: a (KW, M), w (KW, N); one outer product of XOR-popcounts per word
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, KW):
+            a = tl.load(a_ptr + k * M + rm, mask=m_ok, other=0)
+            w = tl.load(w_ptr + k * N + rn, mask=n_ok, other=0)
+            acc += _popc32(a[:, None] ^ w[None, :], HW_POPC)
+        out = (k_bits - 2 * acc).to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
     def _pack_kernel(x_ptr, out_ptr, P, C, CW, stride_outer, stride_inner, inner, stride_c,
                      BLOCK_P: tl.constexpr):
         # rows p = (outer, inner) pairs, e.g. (n, h*W + w) for images; 32 channels per word
@@ -120,6 +138,7 @@ class _Kernels:
     def __init__(self) -> None:
         self.triton = triton
         self.gemm = _gemm_kernel
+        self.gemm_kmajor = _gemm_kmajor_kernel
         self.pack = _pack_kernel
         self.hw_popc = libdevice is not None and not interpreting()
 
@@ -219,34 +238,109 @@ def _as_words32(words: Tensor) -> Tensor:
     return words.contiguous().view(torch.int32)
 
 
-def _blocks(m: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)`` for ``m`` rows."""
-    if m <= 16:
-        return 16, 64, 8, 4
-    if m <= 64:
-        return 32, 64, 8, 4
-    return 64, 64, 4, 4
+#: GEMM configurations ``(variant, BLOCK_M, BLOCK_N, BLOCK_K, num_warps)``. ``"bcast"`` reads
+#: row-major words and sums a ``BLOCK_M x BLOCK_N x BLOCK_K`` broadcast over the words;
+#: ``"kmajor"`` reads word-major (transposed) operands and adds one outer product per word
+#: (``BLOCK_K`` unused). On CUDA the fastest for each shape is chosen by timing on first use.
+CONFIGS: tuple[tuple[str, int, int, int, int], ...] = (
+    ("bcast", 16, 64, 8, 4),
+    ("bcast", 64, 64, 4, 4),
+    ("kmajor", 32, 64, 1, 4),
+    ("kmajor", 64, 64, 1, 4),
+    ("kmajor", 128, 128, 1, 8),
+)
+#: (device, row bucket, N, words) -> the configuration chosen by timing
+_TUNED: dict[tuple[Any, ...], tuple[str, int, int, int, int]] = {}
+#: transposed (word-major) int32 weights, keyed on the weight view; the entry keeps the view alive
+_WEIGHTS_T: dict[tuple[Any, ...], tuple[Tensor, int, Tensor]] = {}
 
 
-def xnor_gemm(a: Tensor, w: Tensor, k_bits: int) -> Tensor:
+def default_config(m: int) -> tuple[str, int, int, int, int]:
+    """The configuration used without timing (the interpreter, or a forced choice): by row count."""
+    return CONFIGS[0] if m <= 16 else CONFIGS[1]
+
+
+def _candidates(m: int) -> list[tuple[str, int, int, int, int]]:
+    return [c for c in CONFIGS if m > 64 or c[1] <= 64] if m > 16 else [c for c in CONFIGS if c[1] <= 32]
+
+
+def _weights_t(w32: Tensor) -> Tensor:
+    """``(N, KW)`` int32 weights → contiguous ``(KW, N)``, cached while the weights are unchanged."""
+    key = (w32.data_ptr(), tuple(w32.shape), tuple(w32.stride()), w32.device)
+    hit = _WEIGHTS_T.get(key)
+    if hit is not None and hit[1] == w32._version:
+        return hit[2]
+    if len(_WEIGHTS_T) >= 64:
+        _WEIGHTS_T.clear()
+    wt = w32.t().contiguous()
+    _WEIGHTS_T[key] = (w32, w32._version, wt)
+    return wt
+
+
+def _launch(config: tuple[str, int, int, int, int], a32: Tensor, w32: Tensor, out: Tensor, k_bits: int) -> None:
+    kern = _kernels()
+    variant, bm, bn, bk, warps = config
+    m, kw = a32.shape
+    n = w32.shape[0]
+    grid = (kern.triton.cdiv(m, bm), kern.triton.cdiv(n, bn))
+    if variant == "bcast":
+        kern.gemm[grid](a32, w32, out, m, n, kw, int(k_bits), a32.stride(0), w32.stride(0), out.stride(0),
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HW_POPC=kern.hw_popc, num_warps=warps)
+    elif variant == "kmajor":
+        kern.gemm_kmajor[grid](a32.t().contiguous(), _weights_t(w32), out, m, n, kw, int(k_bits), out.stride(0),
+                               BLOCK_M=bm, BLOCK_N=bn, HW_POPC=kern.hw_popc, num_warps=warps)
+    else:
+        raise ValueError(f"unknown GEMM variant {variant!r}")
+
+
+def _tune(key: tuple[Any, ...], a32: Tensor, w32: Tensor, out: Tensor, k_bits: int) -> tuple[str, int, int, int, int]:
+    """Time every candidate configuration on the real operands (CUDA events, best of 3 after a
+    first call that compiles) and keep the fastest; a configuration that fails is skipped."""
+    best, best_t = None, float("inf")
+    for config in _candidates(a32.shape[0]):
+        try:
+            _launch(config, a32, w32, out, k_bits)  # compile + warm up
+            times = []
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                _launch(config, a32, w32, out, k_bits)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory for one block size: try the others
+            continue
+        if min(times) < best_t:
+            best, best_t = config, min(times)
+    if best is None:
+        raise RuntimeError(f"no Triton GEMM configuration ran for {tuple(a32.shape)} x {tuple(w32.shape)}")
+    _TUNED[key] = best
+    return best
+
+
+def xnor_gemm(a: Tensor, w: Tensor, k_bits: int, *, config: tuple[str, int, int, int, int] | None = None) -> Tensor:
     """``a``: (M, Kw) int64 words, ``w``: (N, Kw) int64 words → (M, N) float32 ``K - 2 popcount(a ^ w)``.
 
     Both operands must have zero padding bits beyond ``k_bits`` (as :func:`pack_words` writes
-    them). Exact for ``k_bits < 2**24``.
+    them). Exact for ``k_bits < 2**24``. ``config`` (one of :data:`CONFIGS`) forces a kernel
+    configuration; by default CUDA times the candidates once per (row bucket, N, Kw) and the
+    interpreter uses :func:`default_config`.
     """
     if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
         raise ValueError(f"expected (M, Kw) and (N, Kw) word matrices, got {tuple(a.shape)} and {tuple(w.shape)}")
-    kern = _kernels()
     a32, w32 = _as_words32(a), _as_words32(w.to(a.device))
     m, kw = a32.shape
     n = w32.shape[0]
     out = torch.empty(m, n, dtype=torch.float32, device=a.device)
     if m == 0 or n == 0:
         return out
-    bm, bn, bk, warps = _blocks(m)
-    grid = (kern.triton.cdiv(m, bm), kern.triton.cdiv(n, bn))
-    kern.gemm[grid](a32, w32, out, m, n, kw, int(k_bits), a32.stride(0), w32.stride(0), out.stride(0),
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HW_POPC=kern.hw_popc, num_warps=warps)
+    if config is None:
+        if a.is_cuda and not interpreting():
+            key = (a.device, 1 if m <= 1 else 1 << (m - 1).bit_length(), n, kw)
+            config = _TUNED.get(key) or _tune(key, a32, w32, out, k_bits)
+        else:
+            config = default_config(m)
+    _launch(config, a32, w32, out, k_bits)
     return out
 
 
