@@ -410,17 +410,17 @@ def test_resnet_tensor_names_follow_the_graph(tmp_path: Path) -> None:
         assert f"{first}.body.0.weight_bits" in set(f.keys())
 
 
-def test_a_residual_model_without_a_codec_is_refused(tmp_path: Path) -> None:
-    from flipnet.models.resnet import ResNet
+def test_subclasses_with_their_own_forward_are_refused(tmp_path: Path) -> None:
+    from flipnet.models.resnet import PadShortcut
 
-    class MyResNet(ResNet):
+    class MyPad(PadShortcut):  # what the pad_shortcut entry describes is PadShortcut's forward, not this one
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x) * 2
 
-    model = create_model("resnet20", num_classes=10, in_channels=3, base_width=4)
-    model.__class__ = MyResNet  # a subclass with its own forward is not what the resnet codec describes
-    with pytest.raises(ValueError, match="cannot export a MyResNet"):
-        export_model(model, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="cannot export a MyPad"):
+        export_model(nn.Sequential(MyPad(2, 4, 2)), tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="cannot export a ReLU6"):
+        export_model(nn.Sequential(nn.ReLU6()), tmp_path / "x.safetensors")
 
 
 def test_cli_export_of_a_resnet20_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -337,3 +337,12 @@ def test_discovery_clipping_and_mode_switch_reach_the_stored_weight_under_qbn() 
     set_weight_mode(m, "flip")
     assert bool((w.detach().abs() == 1).all())
     assert bool((conv.weight.detach().abs() == 1).all())
+
+
+def test_summary_counts_qbn_layers_at_one_bit_per_weight() -> None:
+    from flipnet.compress import summary
+
+    m = _model()
+    before = summary(m, input_size=(1, 2, 6, 6)).params_by_bits
+    apply_qbn(m, 2)
+    assert summary(m, input_size=(1, 2, 6, 6)).params_by_bits == before

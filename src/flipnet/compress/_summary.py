@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from ..layers import BinaryLayer
 from ..quantizers import MagnitudeAwareSign
+from .qbn import stored_weight
 
 __all__ = ["summary", "Summary", "LayerSummary"]
 
@@ -401,7 +402,8 @@ def summary(
         in_bits, w_bits = _precisions(m)
         row = LayerSummary(name=name, type=type(m).__name__, input_bits=in_bits, weight_bits=w_bits)
         tensors = list(m.parameters() if isinstance(m, BinaryLayer) else m.parameters(recurse=False))
-        binary_weight = m.weight if isinstance(m, BinaryLayer) and m.has_binary_weight else None
+        # the parameter itself (under QBN's parametrization m.weight is computed from it)
+        binary_weight = stored_weight(m) if isinstance(m, BinaryLayer) and m.has_binary_weight else None
         for p in tensors:
             if id(p) in seen_params:
                 continue
