@@ -132,3 +132,22 @@ def test_route_less_schedule_keeps_each_routes_own_lr_over_training() -> None:
     sched2.load_state_dict(state)
     assert _route_values(opt2, "real", "lr") == [pytest.approx(0.05)]
     assert _route_values(opt2, "binary", "lr") == [pytest.approx(0.005)]
+
+
+def test_the_issue_command_logs_and_uses_the_real_lr(tmp_path, monkeypatch) -> None:
+    """``flipnet train digits_adam optim.real_kwargs.lr=0.1 train.epochs=2``: the first row says 0.1."""
+    import json
+
+    import yaml
+
+    from flipnet.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", "digits_adam", "optim.real_kwargs.lr=0.1", "train.epochs=2", "data.subset=120",
+               "train.device=cpu", "train.progress=false", "train.plots=false", "train.tensorboard=false",
+               "output.name=r", "--out", str(tmp_path)])
+    assert rc == 0
+    run = tmp_path / "r"
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["real/lr"] == pytest.approx(0.1) and first["binary/lr"] == pytest.approx(0.01)
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["real_kwargs"]["lr"] == pytest.approx(0.1)
