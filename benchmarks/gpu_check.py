@@ -779,6 +779,8 @@ def sec_epoch_time(ctx: Ctx) -> None:
     if not_run:
         ctx.md += ["", "Not run: " + "; ".join(not_run)]
     if not rows:
+        if all("(cap:" in x or "smoke mode" in x for x in not_run):
+            raise TimeoutError("the cap ended the section before any configuration was timed")
         raise SectionFailed("no configuration could be timed")
 
 
@@ -1088,6 +1090,8 @@ def _fast_run(ctx: Ctx, stack: Any) -> None:
     r["epochs_done"] = epoch
     r["graph_replays"] = step_fn.graph_replays
     _fast_summary(ctx, cfg, curve, start_epoch)
+    if epoch == start_epoch and epoch < cfg.train.epochs:
+        raise TimeoutError(r.get("stopped") or "no epoch was trained in this call")
 
 
 def _fast_summary(ctx: Ctx, cfg: Any, curve: list[dict[str, Any]], start_epoch: int) -> None:
@@ -1274,6 +1278,8 @@ def sec_packed_inference(ctx: Ctx) -> None:
         ctx.md += _table(["batch", "layer", "input"] + [f"{i} ms" for i in impls] + [ref_col.replace("_ms", " ms"), "all equal"],
                          [[x["batch"], x["layer"], "x".join(map(str, x["shape"]))] + [x.get(f"{i}_ms", x.get(f"{i}_error", "")) for i in impls]
                           + [x.get(ref_col), x.get("all_equal")] for x in layer_rows], 3)
+    if not rows:
+        raise TimeoutError("the cap ended the section before any batch size was measured")
     bad = [f"batch {x['batch']}" for x in rows if x["argmax_agreement_with_fp32"] < 0.99]
     bad += [f"{x['layer']} at batch {x['batch']}" for x in layer_rows if x.get("all_equal") is False]
     if bad:
