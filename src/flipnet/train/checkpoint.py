@@ -90,11 +90,43 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
     The old file stays intact until the new one is complete, so an interruption never leaves a
     half-written checkpoint.
+
+    Raises:
+        CheckpointError: the file cannot be written (full disk, read-only folder, size limit).
     """
     path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    atomic_torch_save(payload, path)
+    try:
+        atomic_torch_save(payload, path)
+    except (OSError, RuntimeError) as e:  # torch's C++ writer reports a full disk as RuntimeError
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, RuntimeError):
+            reason = f"{_write_failure_cause(path)}: {reason}"
+        raise CheckpointError(
+            f"cannot write {path} ({reason}); free disk space or make the folder writable, "
+            "then continue with flipnet train --resume (the previous checkpoint is kept)"
+        ) from None
     return path
+
+
+def _write_failure_cause(path: Path) -> str:
+    """Why torch's C++ writer failed (it reports no errno): a size limit, a full disk, or unknown."""
+    import shutil
+
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            return f"File too large (this process may write at most {soft} bytes per file)"
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        if shutil.disk_usage(path.parent).free < 64 * 2**20:
+            return "No space left on device"
+    except OSError:
+        pass
+    return "disk full or file too large"
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -289,6 +289,12 @@ class Trainer:
         if not any(found):
             if not all(build.is_run_dir(d) or not d.exists() for d in run_dirs) or not build.is_run_dir(path):
                 resolve_checkpoint(path, "last")  # not a run folder: its error names the problem
+            logged = [d for d in run_dirs if (d / "metrics.jsonl").is_file() and (d / "metrics.jsonl").read_text().strip()]
+            if logged:
+                raise CheckpointError(
+                    f"{logged[0] / 'checkpoints' / 'last.pt'} is missing although {logged[0] / 'metrics.jsonl'} records "
+                    "finished epochs; the run cannot be continued exactly: restore last.pt or start a new run"
+                )
             self._print_later = f"{path} has no checkpoint yet (the run stopped before its first epoch ended); starting it from the beginning"
             return run_dirs, None
         if not all(found):
@@ -391,19 +397,20 @@ class Trainer:
                 build.make_run_dir(group_dir, "group")
             self._group = (group_dir, group_config)
             run_dirs = run_dirs or [group_dir / m.label for m in self.members]
-            if self.is_main and group_config is not None and rewrite_config:
-                self._write(group_dir / "config.yaml", dump_config(group_config))
         elif run_dirs is None:
             run_dirs = [build.new_run_dir(base.output, base.name, is_main=self.is_main, dist_enabled=self.dist.enabled)]
         for m, d in zip(self.members, run_dirs):
             m.run_dir = Path(d)
-            if not self.is_main:
-                continue
-            build.make_run_dir(m.run_dir)
-            if rewrite_config:
-                self._write(m.run_dir / "config.yaml", dump_config(m.config))
-            m.logger = MetricsLogger(m.run_dir, keep_until_epoch=self.epoch if resumed else None)
-            m.tb = TensorBoardLogger(m.run_dir, m.config.train.tensorboard, self.epoch)
+            if self.is_main:  # the logs first: a damaged history refuses the resume before any file changes
+                build.make_run_dir(m.run_dir)
+                m.logger = MetricsLogger(m.run_dir, keep_until_epoch=self.epoch if resumed else None)
+        for m in self.members:
+            if self.is_main:
+                if rewrite_config:
+                    self._write(m.run_dir / "config.yaml", dump_config(m.config))
+                m.tb = TensorBoardLogger(m.run_dir, m.config.train.tensorboard, self.epoch)
+        if self._group is not None and self.is_main and self._group[1] is not None and rewrite_config:
+            self._write(self._group[0] / "config.yaml", dump_config(self._group[1]))
 
     # ----------------------------------------------------------------- the active member
     @property
@@ -479,12 +486,7 @@ class Trainer:
 
     def _save(self, m: Member, name: str, state: dict[str, Any] | None = None) -> None:
         if self.is_main:
-            path = m.run_dir / "checkpoints" / f"{name}.pt"
-            try:
-                save_checkpoint(path, state if state is not None else self.state_dict(m))
-            except OSError as e:
-                raise CheckpointError(f"cannot write {path} ({e.strerror or e}); free disk space or make the folder writable, "
-                                      "then continue with flipnet train --resume (the previous checkpoint is kept)") from None
+            save_checkpoint(m.run_dir / "checkpoints" / f"{name}.pt", state if state is not None else self.state_dict(m))
 
     def _print(self, msg: str) -> None:
         if self.is_main:
