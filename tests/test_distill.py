@@ -209,3 +209,14 @@ def test_loss_from_config(tmp_path: Path) -> None:
     data4 = type("D", (), {"num_classes": 4, "input_shape": (1, 8, 8), "task": "classification"})()
     loss = loss_from_config(cfg, data4)
     assert isinstance(loss, DistillationLoss) and loss.temperature == 2.0 and loss.takes_input
+
+
+def test_teacher_from_a_run_folder(tmp_path: Path) -> None:
+    _, reference = _teacher_file(tmp_path, "plain")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"format": "flipnet-checkpoint", "model": reference.state_dict(), "epoch": 1}, run / "checkpoints" / "best.pt")
+    state = read_state_dict(run)
+    assert set(state) == set(reference.state_dict())
+    with pytest.raises(CheckpointError, match="holds no checkpoints"):
+        read_state_dict(tmp_path)
