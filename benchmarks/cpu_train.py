@@ -15,7 +15,8 @@ The measurements are **interleaved**: every round runs one timed window of each 
 in turn, so a change of machine load (this is a shared machine) hits all of them alike; the
 table reports the median images/s over rounds and the median of the per-round ratios to
 ``plain``. The bound is the measured bf16 GEMM rate (square ``n x n`` products, best of a few
-short probes, ``n`` = 1024 and 2048) divided by the training FLOPs per image, counted here with
+short probes, ``n`` = 1024 and 2048, probed again before and after every round so that the bound
+sees the same load as the round) divided by the training FLOPs per image, counted here with
 forward hooks: ``2 x forward MACs x 3`` (forward, and the two products of the backward pass).
 
 Example (about 3 minutes on 2 cores)::
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels-last", choices=["true", "false"], default="true", help="flipnet modes only")
     p.add_argument("--compile", action="store_true", help="also time every flipnet mode under torch.compile")
     p.add_argument("--layers", action="store_true", help="print the per-layer MAC count")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing, profile 2 steps of each configuration (torch.profiler, ops by input shape)")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
@@ -221,12 +224,14 @@ def main(argv: list[str] | None = None) -> int:
 
     configs: list[Config] = []
     bounds: dict[str, float] = {}
+    macs_of: dict[str, int] = {}
     for mk in models:
         from flipnet.models import create_model
 
         name, kwargs, has_plain = MODELS[mk]
         macs, per_layer = count_forward_macs(create_model(name, num_classes=10, in_channels=3, **kwargs), (3, 32, 32))
         flops = 6 * macs
+        macs_of[mk] = macs
         bounds[mk] = bf16_rate / flops
         print(f"# {mk}: {macs / 1e6:.1f} M forward MACs per image = {flops / 1e9:.3f} GFLOP per training image; "
               f"bf16 bound {bounds[mk]:.1f} images/s", file=sys.stderr)
@@ -259,10 +264,34 @@ def main(argv: list[str] | None = None) -> int:
                         configs.append(cfg)
                         print(f"# ready: {mk} batch {batch} {label} (build + warm-up {cfg.setup_s:.1f} s)", file=sys.stderr)
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for c in configs:
+            torch.set_num_threads(c.threads)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(2):
+                    c.step(c.x, c.y)
+            total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+            print(f"\n### {c.model} batch {c.batch} {c.label}: {total / 2:.2f} s per step ({2 * c.batch / total:.1f} images/s)\n")
+            print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25,
+                                                                      max_name_column_width=36, max_shapes_column_width=70))
+        return 0
+
     ratios: dict[int, list[float]] = {id(c): [] for c in configs}
+    of_bound: dict[int, list[float]] = {id(c): [] for c in configs}
+    round_rates: list[float] = []
     for r in range(args.rounds):
+        torch.set_num_threads(max(threads))
+        rate_before = max(gemm_rate(torch.bfloat16, n, 0.3) for n in (1024, 2048))
         for c in configs:
             c.ips.append(_time(c, args.steps))
+        torch.set_num_threads(max(threads))
+        # the bound of this round: the GEMM rate probed just before and after it (same load)
+        rate = max(rate_before, max(gemm_rate(torch.bfloat16, n, 0.3) for n in (1024, 2048)))
+        round_rates.append(rate)
+        for c in configs:
+            of_bound[id(c)].append(c.ips[-1] * 6 * macs_of[c.model] / rate)
         for c in configs:
             base = next((b for b in configs if b.model == c.model and b.batch == c.batch and b.threads == c.threads
                          and b.label.startswith("plain")), None)
@@ -271,17 +300,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# round {r + 1}/{args.rounds}: " + ", ".join(f"{c.model}/{c.batch}/{c.label} {c.ips[-1]:.1f}" for c in configs),
               file=sys.stderr)
     load1 = os.getloadavg()
-    print(f"\nLoad average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end (2 cores are 2.0 of load); "
-          f"bf16 GEMM rate {bf16_rate / 1e12:.3f} TFLOP/s; median of {args.rounds} interleaved rounds "
-          f"of {args.steps} step(s).\n")
+    print(f"\nLoad average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end ({os.cpu_count()} cores); "
+          f"bf16 GEMM rate {bf16_rate / 1e12:.3f} TFLOP/s before the runs, per round "
+          + ", ".join(f"{r / 1e12:.3f}" for r in round_rates)
+          + f"; medians of {args.rounds} interleaved rounds of {args.steps} step(s).\n")
     print("| model | batch | mode | images/s (median) | min-max | x plain (median of per-round ratios) | "
-          "% of bf16 bound | build+warm-up s |")
+          "% of the round's bf16 bound (median) | build+warm-up s |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for c in configs:
         med = statistics.median(c.ips)
         rat = f"{statistics.median(ratios[id(c)]):.2f}x" if ratios[id(c)] else "-"
         print(f"| {c.model} | {c.batch} | {c.label} | {med:.1f} | {min(c.ips):.1f}-{max(c.ips):.1f} | {rat} | "
-              f"{100 * med / bounds[c.model]:.0f}% | {c.setup_s:.1f} |")
+              f"{100 * statistics.median(of_bound[id(c)]):.0f}% | {c.setup_s:.1f} |")
     return 0
 
 

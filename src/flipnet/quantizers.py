@@ -70,7 +70,8 @@ __all__ = [
 
 def sign(x: Tensor) -> Tensor:
     """Sign with ``sign(0) = +1``; the result has the dtype of ``x`` and holds only ±1."""
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    # 0-d operands of x's dtype: one comparison and one select, no full-size ones tensors
+    return torch.where(x >= 0, x.new_ones(()), x.new_full((), -1))
 
 
 def _check_clip(clip_value: float | None) -> None:
