@@ -79,3 +79,19 @@ def test_magnitude_aware_weights_put_the_magnitude_in_the_quant_scale() -> None:
             assert scale.shape[0] > 1 and np.all(scale > 0)  # one magnitude per output channel
     x, _ = digits("test", 1)
     np.testing.assert_allclose(run_qonnx(proto, x[:8]), logits(model, x[:8]).numpy(), atol=TOL, rtol=0)
+
+
+def test_qonnx_cleanup_keeps_the_logits_and_types_quant_outputs_bipolar() -> None:
+    """What FINN runs first on a QONNX file: QONNX's cleanup (shape and constant folding, renaming)
+    and datatype inference; the 1-bit tensors must come out as BIPOLAR."""
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.util.cleanup import cleanup_model
+
+    model, shape = trained("resnet20")
+    x, _ = digits("test", MODELS["resnet20"][2])
+    w = cleanup_model(ModelWrapper(export_onnx(model, None, input_shape=shape, format="qonnx"))).transform(InferDataTypes())
+    got = execute_onnx(w, {w.graph.input[0].name: x[:1].numpy()})[w.graph.output[0].name]
+    np.testing.assert_allclose(got, logits(model, x[:1]).numpy(), atol=TOL, rtol=0)
+    quant_outputs = [n.output[0] for n in w.graph.node if n.op_type == "BipolarQuant"]
+    assert len(quant_outputs) == 36  # 18 binary convolutions: weights and inputs
+    assert {str(w.get_tensor_datatype(t)) for t in quant_outputs} == {"BIPOLAR"}
