@@ -26,8 +26,9 @@ one):
 ``final_test_acc``
     test accuracy of the last epoch (the last row that has one).
 ``epochs``, ``time_s``
-    epochs logged, and the sum of the per-epoch ``time_s`` (for runs trained together in one
-    vectorised process, each member's epochs are the shared wall time).
+    epochs logged, and the run's training time (``summary.json``'s ``time_s``, else the sum of the
+    per-epoch ``time_s``; for runs trained together in one vectorised process each member's time
+    is the shared wall time).
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ class RunRecord:
         if key == "epochs":
             return float(last["epoch"]) if rows else None
         if key == "time_s":
+            v = _num(self.summary.get("time_s")) if self.summary else None
+            if v is not None:
+                return v
             times = [_num(r.get("time_s")) for r in rows]
             return sum(t for t in times if t is not None) if rows else None
         return _num(last.get(key))
