@@ -148,7 +148,7 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ExportFormatError(f"{path} is a safetensors file but not a flipnet export (no '{EXPORT_FORMAT}' metadata)")
     try:
         doc = json.loads(meta["flipnet"])
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, json.JSONDecodeError, RecursionError):
         raise ExportFormatError(f"{path}: the flipnet metadata is not valid JSON") from None
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
         raise ExportFormatError(f"{path}: the flipnet metadata does not describe a {EXPORT_FORMAT} file")
