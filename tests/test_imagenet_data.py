@@ -142,3 +142,14 @@ def test_corrupt_image_names_the_file(folder: Path, tmp_path: Path) -> None:
     data = _load(copy)
     with pytest.raises(DataFormatError, match="cannot decode image .*" + bad.name):
         list(data.make_loader("test", 8, train=False, device="cpu"))
+
+
+def test_augmentation_lists(folder: Path) -> None:
+    data = _load(folder)
+    flip_only = data.make_loader("train", 6, train=True, device="cpu", augment=["flip"])
+    names = [type(t).__name__ for t in flip_only._dataset.transform.transforms]
+    assert names == ["Resize", "CenterCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    full = data.make_loader("train", 6, train=True, device="cpu", augment=True)
+    assert type(full._dataset.transform.transforms[0]).__name__ == "RandomResizedCrop"
+    with pytest.raises(ConfigError, match="'crop'.*'flip'"):
+        data.make_loader("train", 6, train=True, device="cpu", augment=["rotate"])

@@ -57,16 +57,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def train_transform(image_size: int = 224, crop_scale: tuple[float, float] = (0.08, 1.0)) -> Any:
-    """The training augmentation: random-resized crop, horizontal flip, to tensor, normalise."""
+def train_transform(
+    image_size: int = 224, crop_scale: tuple[float, float] = (0.08, 1.0), augment: Sequence[str] = ("crop", "flip")
+) -> Any:
+    """The training augmentation: random-resized crop (``"crop"``), horizontal flip (``"flip"``),
+    to tensor, normalise. Without ``"crop"`` the image is resized and center-cropped as in evaluation."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=crop_scale),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    steps: list[Any] = []
+    if "crop" in augment:
+        steps.append(T.RandomResizedCrop(image_size, scale=crop_scale))
+    else:
+        steps += [T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size)]
+    if "flip" in augment:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def eval_transform(image_size: int = 224) -> Any:
@@ -251,7 +256,8 @@ class ImageFolderData:
         """A sized loader of ``(x, y)`` batches of ``split`` on ``device``.
 
         ``train`` shuffles (seeded by ``seed`` and the epoch, :meth:`ImageFolderLoader.set_epoch`)
-        and applies the training augmentation when ``augment`` is true; otherwise files come in
+        and applies the training augmentation when ``augment`` is true (or the listed ones of
+        ``"crop"``, ``"flip"``); otherwise files come in
         order with the evaluation transform. Decoding processes: the data set's ``num_workers``
         option when set (0 decodes in the training process), else ``num_workers`` when positive,
         else ``min(8, CPUs - 1)``. Options of the in-memory loaders
@@ -263,7 +269,14 @@ class ImageFolderData:
         workers = self.num_workers if self.num_workers is not None else (num_workers or None)
         if workers is None:
             workers = max(0, min(8, (os.cpu_count() or 1) - 1))
-        transform = train_transform(self.image_size, self.crop_scale) if (train and augment) else eval_transform(self.image_size)
+        if isinstance(augment, bool):
+            augs: tuple[str, ...] = ("crop", "flip") if augment else ()
+        else:
+            augs = tuple(augment)
+            bad = [a for a in augs if a not in ("crop", "flip")]
+            if bad:
+                raise ConfigError(f"{self.name} augmentations are 'crop' (random-resized crop) and 'flip'; got {bad[0]!r}")
+        transform = train_transform(self.image_size, self.crop_scale, augs) if (train and augs) else eval_transform(self.image_size)
         return ImageFolderLoader(
             files, labels, batch_size, transform=transform, shuffle=train, drop_lone_last=train, device=device,
             seed=seed, rank=rank, world_size=world_size, num_workers=int(workers),
