@@ -545,3 +545,16 @@ def test_float_impl_accepts_other_dtypes() -> None:
     w = signs(4, 30)
     ys = [PackedBinaryLinear.from_signs(w, impl=i)(x) for i in IMPLS]
     assert all(y.dtype == torch.float32 and torch.equal(y, ys[0]) for y in ys)
+
+
+def test_kernel_mode_is_read_once_and_set_explicitly(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_kernel_mode("torch")
+    monkeypatch.setenv("FLIPNET_KERNELS", "float")
+    assert _kernels.mode() == "torch"  # the environment is read at import, not on every call
+    assert set_kernel_mode(None) == "torch" and _kernels.mode() == "float"  # None: read it again
+    monkeypatch.setenv("FLIPNET_KERNELS", "nonsense")
+    set_kernel_mode(None)
+    assert _kernels.mode() == "auto"
+    with pytest.raises(ValueError, match="kernel mode must be one of"):
+        set_kernel_mode("cuda")
+    assert _kernels.mode() == "auto"
