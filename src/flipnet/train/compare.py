@@ -46,6 +46,7 @@ from typing import Any, Sequence
 from flipnet.errors import CheckpointError
 
 __all__ = [
+    "read_metrics",
     "RunRecord",
     "RunGroup",
     "find_runs",
@@ -61,10 +62,32 @@ IGNORED_KEYS: tuple[str, ...] = ("output.", "data.root", "description")
 SEED_KEYS: tuple[str, ...] = ("seed", "seeds")
 
 
-def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    from .plots import read_metrics
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-epoch rows of a run (``metrics.jsonl``; a torn last line is skipped).
 
-    return read_metrics(run_dir)
+    When a resumed run re-logged an epoch, the last row of that epoch wins.
+
+    Raises:
+        CheckpointError: ``run_dir`` is not a run folder (no ``metrics.jsonl``).
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        from .checkpoint import inner_runs_hint
+
+        raise CheckpointError(
+            f"{run_dir} has no metrics.jsonl; give a run folder written by flipnet train.{inner_runs_hint(run_dir)}"
+        )
+    rows: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash while appending
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row.get("epoch"), bool):
+            rows[row["epoch"]] = row
+    return [rows[e] for e in sorted(rows)]
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -206,7 +229,7 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> list[RunRecord]:
                     "written by flipnet train"
                 )
         for d in dirs:
-            records.append(RunRecord(d, _read_rows(d), _flatten(_read_yaml(d / "config.yaml")), _read_json(d / "summary.json")))
+            records.append(RunRecord(d, read_metrics(d), _flatten(_read_yaml(d / "config.yaml")), _read_json(d / "summary.json")))
     return records
 
 

@@ -20,48 +20,20 @@ the trainer calls it at the end of a run to fill ``RUN/plots``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from flipnet.errors import CheckpointError
 from flipnet.utils import atomic_path
+
+from .compare import read_metrics
 
 __all__ = ["read_metrics", "plot_runs", "LINESTYLES"]
 
 #: Line styles cycled (with the colours) for per-layer curves.
 LINESTYLES: tuple[Any, ...] = ("-", "--", ":", "-.")
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-epoch rows of a run (``metrics.jsonl``; a torn last line is skipped).
-
-    When a resumed run re-logged an epoch, the last row of that epoch wins.
-
-    Raises:
-        CheckpointError: ``run_dir`` is not a run folder (no ``metrics.jsonl``).
-    """
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        from .checkpoint import inner_runs_hint
-
-        raise CheckpointError(
-            f"{run_dir} has no metrics.jsonl; give a run folder written by flipnet train.{inner_runs_hint(run_dir)}"
-        )
-    rows: dict[int, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash while appending
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row.get("epoch"), bool):
-            rows[row["epoch"]] = row
-    return [rows[e] for e in sorted(rows)]
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> dict[int, float]:
