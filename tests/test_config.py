@@ -368,3 +368,11 @@ def test_trajectory_changes_lists_what_changes_training() -> None:
     assert trajectory_changes(stored, base, extra_stored={"world_size": 1}, extra_new={"world_size": 2}) == ["world_size"]
     with pytest.raises(ConfigError, match="stored config is not a valid recipe"):
         trajectory_changes({"trian": {}}, base)
+
+
+def test_distillation_keys_are_trajectory_keys() -> None:
+    from flipnet.train.config import trajectory_changes
+
+    base = load_config("digits_bop")
+    other = load_config("digits_bop", ["train.distill.temperature=2.0", "train.distill.weight=0.5"])
+    assert trajectory_changes(base, other) == ["train.distill.temperature", "train.distill.weight"]

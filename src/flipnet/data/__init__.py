@@ -28,26 +28,21 @@ from flipnet.data.cifar10 import load_lossless_subset
 from flipnet.data.gpu_loader import MASK_FILL, GpuLoader, augment_batch, scale_images
 from flipnet.data.loader import HostLoader, make_loader
 
+# The public surface (12 names). Also importable from here, for convenience and old code:
+# AUGMENTATIONS, VAL_SPLIT_SEED, DataFormatError, default_root, resolve_val_size (flipnet.data.base),
+# load_lossless_subset (flipnet.data.cifar10), MASK_FILL, augment_batch, scale_images
+# (flipnet.data.gpu_loader).
 __all__ = [
-    "AUGMENTATIONS",
-    "MASK_FILL",
-    "VAL_SPLIT_SEED",
     "AugmentPolicy",
-    "DataFormatError",
     "DatasetBundle",
     "GpuLoader",
     "HostLoader",
-    "augment_batch",
     "dataset_options",
     "dataset_shape",
-    "default_root",
     "list_datasets",
     "load_dataset",
-    "load_lossless_subset",
     "make_loader",
     "register_dataset",
     "resolve_augment",
-    "resolve_val_size",
-    "scale_images",
     "split_validation",
 ]
