@@ -491,3 +491,14 @@ def test_cli_summary_refuses_export_files_and_wrong_input_sizes(tmp_path: Path, 
     assert main(["summary", "digits_bop", "--input-size", "1", "1"]) == 2
     err = capsys.readouterr().err
     assert "does not fit the model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_version_is_the_lowest_that_describes_the_file(tmp_path: Path) -> None:
+    from flipnet.models.resnet import PadShortcut
+
+    path = tmp_path / "v.safetensors"
+    assert export_model(nn.Sequential(nn.Flatten(), nn.ReLU()), path)["version"] == 1
+    doc = export_model(nn.Sequential(PadShortcut(2, 4, 2)), path)  # a type version 1 does not have
+    assert doc["version"] == 2
+    x = torch.randn(1, 2, 4, 4)
+    torch.testing.assert_close(load_exported(path)(x), PadShortcut(2, 4, 2)(x))

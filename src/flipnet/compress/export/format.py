@@ -38,10 +38,13 @@ __all__ = [
 ]
 
 EXPORT_FORMAT = "flipnet-export"
-#: Newest version this flipnet reads and writes. Version 1: a flat list of layers. Version 2 adds
-#: structural entries with ``children`` (residual blocks). Files are written with the lowest
-#: version that describes them, so flat models stay version 1.
+#: Newest version this flipnet reads and writes. Version 1: a flat list of the entry types in
+#: :data:`V1_TYPES`. Version 2 adds structural entries with ``children`` (``residual``) and
+#: ``pad_shortcut``. Files are written with the lowest version that describes them, so flat models
+#: stay version 1 (and readable by older flipnet).
 EXPORT_VERSION = 2
+V1_TYPES = frozenset({"binary_conv", "binary_linear", "real_conv", "real_linear", "batchnorm", "threshold",
+                      "maxpool2d", "avgpool2d", "adaptive_avgpool2d", "flatten", "activation"})
 
 
 class Entry(dict):  # type: ignore[type-arg]
@@ -92,10 +95,10 @@ def write_export(path: str | os.PathLike, entries: list[Entry], folds: list[dict
     """Write the graph ``entries`` as one safetensors file (atomically); returns the JSON document."""
     tensors: dict[str, Tensor] = {}
     layers = _serialise(entries, "", tensors)
-    nested = any(e.children for e in entries)
+    v1 = all(e["type"] in V1_TYPES and not e.children for branch in walk(entries) for e in branch)
     doc = {
         "format": EXPORT_FORMAT,
-        "version": 2 if nested else 1,
+        "version": 1 if v1 else 2,
         "model": None if model is None else {"name": model["name"], "kwargs": dict(model.get("kwargs") or {})},
         "input_shape": None if input_shape is None else [int(s) for s in input_shape],
         "layers": layers,
