@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 RESUME_OVERRIDES = [
     "data.subset=192",
     "data.test_subset=64",
-    "data.augment=true",
+    "data.augment=[crop]",
     "model.kwargs={hidden_sizes: [32], dropout: 0.2}",
     "optim.schedules=[{key: lr, route: real, type: cosine, unit: step}, "
     "{key: gamma, route: binary, type: step, factor: 0.5, every: 1, unit: epoch}]",

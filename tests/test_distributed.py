@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
             }, os.path.join(out, f"rank{trainer.dist.rank}.pt"))
 
     config = load_config("digits_bop", [
-        "data.subset=256", "data.test_subset=101", "data.augment=true",
+        "data.subset=256", "data.test_subset=101", "data.augment=[crop]",
         "model.kwargs={hidden_sizes: [32], dropout: 0.1}", "train.epochs=2",
         "train.tensorboard=false", "train.plots=false", "train.nan_check_every=3",
         f"output.dir={out}/runs",

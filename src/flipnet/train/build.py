@@ -42,12 +42,14 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_schedules",
+    "select_precision",
     "choose_threads",
     "is_run_dir",
     "load_init_weights",
     "load_run",
     "model_from_checkpoint",
     "new_run_dir",
+    "read_resume",
     "recipe_model",
     "resolve_device",
 ]
@@ -79,22 +81,23 @@ def resolve_device(device: str, option: str = "train.device=") -> torch.device:
     return torch.device(device)
 
 
-def amp_dtype(setting: bool | str, device: torch.device) -> torch.dtype | None:
+def amp_dtype(setting: bool | str | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a run: ``torch.bfloat16`` or ``None`` (full precision).
 
-    ``setting`` is ``train.precision`` (``fp32``, ``tf32``, ``bf16``, ``auto``) or the older
-    ``train.amp`` (``True``, ``False``, ``auto``). ``auto``: bf16 on a CUDA device that supports
-    it, full precision elsewhere.
+    ``setting`` is ``train.precision`` (``fp32``, ``tf32``, ``bf16``, ``int8``, ``auto``) or the
+    older ``train.amp`` (``True``, ``False``, ``auto``); see :func:`flipnet.train.fast.select_precision`.
     """
-    import torch
+    return select_precision(setting, device).amp_dtype
 
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if setting in ("fp32", "tf32", False, None):
-        return None
-    if setting in ("bf16", True):
-        return torch.bfloat16
-    raise ConfigError(f"train.precision must be fp32, tf32, bf16 or auto, got {setting!r}")
+
+def select_precision(setting: bool | str | None, device: torch.device, model: nn.Module | None = None) -> Any:
+    """:func:`flipnet.train.fast.select_precision` with a bad value as :class:`ConfigError`."""
+    from .fast import select_precision as select
+
+    try:
+        return select(device, "auto" if setting == "auto" else setting, model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 #: Below this many parameters a model trains fastest on one CPU thread (measured, docs/training.md).
@@ -483,3 +486,62 @@ def model_from_checkpoint(
         raise CheckpointError(f"{path}: weights do not fit model {config.model.name!r} ({str(e).splitlines()[0]})") from None
     model.to(map_location).eval()
     return config, model
+
+
+def read_resume(configs: Sequence[Config], labels: Sequence[str], resume: str | os.PathLike, force: bool = False
+                ) -> tuple[list[Path], list[dict] | None, list[str], str | None]:
+    """What ``--resume`` continues: ``(run_dirs, checkpoints, changed_keys, note)``.
+
+    One run: ``resume`` is its folder (or its ``checkpoints/last.pt``); several members: the group
+    folder holding ``<label>/`` per member. ``checkpoints`` is ``None`` for a folder whose run
+    stopped before its first checkpoint (it restarts from the beginning; ``note`` says so).
+    ``changed_keys``: the recipe keys that alter the training trajectory
+    (:func:`flipnet.train.config.trajectory_changes`, world size included).
+
+    Raises:
+        ConfigError: trajectory changes without ``force``.
+        CheckpointError: not a run folder, members without checkpoints, a missing ``last.pt``
+            although epochs were logged, or a corrupt checkpoint.
+    """
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .config import trajectory_changes
+    from .distributed import env_world_size
+
+    path = Path(resume)
+    single_file = len(configs) == 1 and path.is_file()
+    if len(configs) == 1:
+        run_dirs = [(path.parent.parent if path.parent.name == "checkpoints" else path.parent) if single_file else path]
+    else:
+        run_dirs = [path / lb for lb in labels]
+    found = [True] if single_file else [(d / "checkpoints" / "last.pt").is_file() for d in run_dirs]
+    if not any(found):
+        if not is_run_dir(path) or not all(is_run_dir(d) or not d.exists() for d in run_dirs):
+            resolve_checkpoint(path, "last")  # not a run folder: its error names the problem
+        logged = [d for d in run_dirs if (d / "metrics.jsonl").is_file() and (d / "metrics.jsonl").read_text().strip()]
+        if logged:
+            raise CheckpointError(
+                f"{logged[0] / 'checkpoints' / 'last.pt'} is missing although {logged[0] / 'metrics.jsonl'} records "
+                "finished epochs; the run cannot be continued exactly: restore last.pt or start a new run"
+            )
+        return run_dirs, None, [], f"{path} has no checkpoint yet (the run stopped before its first epoch ended); starting it from the beginning"
+    if not all(found):
+        missing = [str(d) for d, f in zip(run_dirs, found) if not f]
+        raise CheckpointError(f"{path}: members without a checkpoint ({', '.join(missing)}); the group cannot be resumed together")
+    ckpts = [load_checkpoint(resolve_checkpoint(path if len(configs) == 1 else d, "last"), map_location="cpu") for d in run_dirs]
+    changes: list[str] = []
+    for ck, cfg in zip(ckpts, configs):
+        stored = ck.get("config")
+        if not isinstance(stored, dict):
+            raise CheckpointError(f"{path}: the checkpoint holds no config; it was not written by flipnet train")
+        saved_world = int((ck.get("meta") or {}).get("world_size", 1))
+        for key in trajectory_changes(stored, cfg, extra_stored={"world_size": saved_world},
+                                      extra_new={"world_size": env_world_size()}):
+            if key not in changes:
+                changes.append(key)
+    if changes and not force:
+        raise ConfigError(
+            f"--resume {path} would change {', '.join(changes)}, which alters the training trajectory; "
+            "resume with the run's own settings, or add --force to continue anyway"
+        )
+    note = f"--force: continuing {path} with changed {', '.join(changes)}; config.yaml updated" if changes else None
+    return run_dirs, ckpts, changes, note

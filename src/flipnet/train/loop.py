@@ -45,47 +45,17 @@ from flipnet.utils import atomic_write_text, seed_everything
 
 from . import build
 from .callbacks import Callback, MetricsLogger, ProgressBar, TensorBoardLogger, write_group_files, write_summary
-from .checkpoint import get_rng_state, load_checkpoint, resolve_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import get_rng_state, save_checkpoint, set_rng_state
 from .config import Config, config_to_dict, dump_config
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed
 from .ensemble import NotVectorizable, SeedEnsemble, SeedOptimizer, ensemble_loss, ensemble_metrics, evaluate_ensemble
 from .fast import make_train_step, prepare_model
+from .report import epoch_line, final_line, hyperparameter_values, results, start_line
 
-__all__ = ["Trainer", "Member", "evaluate", "hyperparameter_values"]
-
-#: Param-group keys logged each epoch (per route) when present: learning rate, Bop's γ and τ,
-#: CEMA's σ/α, momentum. Keys that have a schedule in the recipe are logged too.
-HYPERPARAM_KEYS = ("lr", "gamma", "threshold", "tau", "sigma", "alpha", "beta", "momentum")
-
+__all__ = ["Trainer", "Member", "evaluate"]
 
 class _StopRequested(Exception):
     """Internal: Ctrl-C / SIGTERM (or a rank's request under DDP) asks the loop to stop after a step."""
-
-
-def hyperparameter_values(optimizer: Any, scheduled: Iterable[tuple[str | None, str]] = ()) -> dict[str, float]:
-    """Current hyper-parameter values of ``optimizer``, keyed ``<route>/<key>`` (first group per route).
-
-    A flip optimizer's route logs its declared hyper-parameters (Bop: γ and τ; CEMA: α, γ, ...),
-    never the router's ``lr`` placeholder; other routes log the keys of :data:`HYPERPARAM_KEYS`
-    they have; ``scheduled`` ``(route, key)`` pairs (route ``None``: every route) are always logged.
-    """
-    routes = getattr(optimizer, "optimizers", None)
-    scheduled = set(scheduled)
-    out: dict[str, float] = {}
-    for g in optimizer.param_groups:
-        route = g.get("route", "all")
-        leaf = routes.get(route) if isinstance(routes, dict) else None
-        declared = getattr(leaf, "hyperparameters", None)
-        keys = (set(declared) if declared else set(HYPERPARAM_KEYS)) | {k for r, k in scheduled if r in (None, route)}
-        for k in sorted(keys):
-            name = f"{route}/{k}"
-            if k in g and name not in out:
-                v = g[k]
-                if isinstance(v, Tensor) and v.numel() == 1:
-                    out[name] = float(v.item())
-                elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                    out[name] = float(v)
-    return out
 
 
 @torch.no_grad()
@@ -243,7 +213,7 @@ class Trainer:
             raise ConfigError("several seeds (seeds=[...]) cannot be combined with torchrun; train one seed per launch")
         device = dist_device or build.resolve_device(base.train.device)
         labels = labels or ([f"seed_{c.seed}" for c in configs] if multi else ["run"])
-        run_dirs, ckpts = self._read_resume(configs, labels, resume, force) if resume is not None else (None, None)
+        run_dirs, ckpts, changes, self._note = build.read_resume(configs, labels, resume, force) if resume is not None else (None, None, [], None)
         seed_everything(base.seed)
         data = build.build_data(base)
         if multi and data.task != "classification":
@@ -269,59 +239,7 @@ class Trainer:
 
         self._setup(members, data, device, callbacks, run_dirs=run_dirs, ckpts=ckpts, ensemble=ensemble,
                     loss_fn=loss_from_config(base, data, device),
-                    rewrite_config=resume is None or bool(getattr(self, "_forced", ())))
-
-    def _read_resume(self, configs: list[Config], labels: list[str], resume: Any, force: bool) -> tuple[list[Path], list[dict] | None]:
-        """Run folders and checkpoints to resume; refuses trajectory changes unless ``force``."""
-        from .config import trajectory_changes
-
-        path = Path(resume)
-        if len(configs) == 1:
-            if path.is_file():
-                run_dirs = [path.parent.parent if path.parent.name == "checkpoints" else path.parent]
-            else:
-                run_dirs = [path]
-        else:
-            run_dirs = [path / lb for lb in labels]
-        found = [(d / "checkpoints" / "last.pt").is_file() or (d.is_file()) for d in run_dirs]
-        if len(configs) == 1 and path.is_file():
-            found = [True]
-        if not any(found):
-            if not all(build.is_run_dir(d) or not d.exists() for d in run_dirs) or not build.is_run_dir(path):
-                resolve_checkpoint(path, "last")  # not a run folder: its error names the problem
-            logged = [d for d in run_dirs if (d / "metrics.jsonl").is_file() and (d / "metrics.jsonl").read_text().strip()]
-            if logged:
-                raise CheckpointError(
-                    f"{logged[0] / 'checkpoints' / 'last.pt'} is missing although {logged[0] / 'metrics.jsonl'} records "
-                    "finished epochs; the run cannot be continued exactly: restore last.pt or start a new run"
-                )
-            self._print_later = f"{path} has no checkpoint yet (the run stopped before its first epoch ended); starting it from the beginning"
-            return run_dirs, None
-        if not all(found):
-            missing = [str(d) for d, f in zip(run_dirs, found) if not f]
-            raise CheckpointError(f"{path}: members without a checkpoint ({', '.join(missing)}); the group cannot be resumed together")
-        ckpts = [load_checkpoint(resolve_checkpoint(path if len(configs) == 1 else d, "last"), map_location="cpu") for d in run_dirs]
-        from .distributed import env_world_size
-
-        changes: list[str] = []
-        for ck, cfg in zip(ckpts, configs):
-            stored = ck.get("config")
-            if not isinstance(stored, dict):
-                raise CheckpointError(f"{path}: the checkpoint holds no config; it was not written by flipnet train")
-            saved_world = int((ck.get("meta") or {}).get("world_size", 1))
-            for key in trajectory_changes(stored, cfg, extra_stored={"world_size": saved_world},
-                                          extra_new={"world_size": env_world_size()}):
-                if key not in changes:
-                    changes.append(key)
-        if changes and not force:
-            raise ConfigError(
-                f"--resume {path} would change {', '.join(changes)}, which alters the training trajectory; "
-                "resume with the run's own settings, or add --force to continue anyway"
-            )
-        self._forced = changes
-        if changes:
-            self._print_later = f"--force: continuing {path} with changed {', '.join(changes)}; config.yaml updated"
-        return run_dirs, ckpts
+                    rewrite_config=resume is None or bool(changes))
 
     def _setup(self, members: list[Member], data: Any, device: torch.device, callbacks: Sequence[Callback], *,
                run_dirs: list[Path] | None = None, ckpts: list[dict] | None = None, ensemble: SeedEnsemble | None = None,
@@ -329,7 +247,10 @@ class Trainer:
         self.members, self.data, self.device, self.callbacks = members, data, device, list(callbacks)
         self.is_main = self.dist.is_main
         t = members[0].config.train
-        self.amp_dtype = build.amp_dtype(getattr(t, "precision", t.amp), device)
+        self.precision = build.select_precision(getattr(t, "precision", t.amp), device, members[0].model)
+        self.amp_dtype = self.precision.amp_dtype
+        for m in members:
+            self.precision.apply(m.model)
         self.threads, self._threads_reason = build.choose_threads(getattr(t, "threads", None), members[0].model, device)
         torch.set_num_threads(self.threads)
         self.epoch = self.step = self.batch_in_epoch = 0
@@ -442,7 +363,8 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch, "rng": get_rng_state(), "config": config_to_dict(m.config),
             "best": m.best, "best_epoch": m.best_epoch, "test_at_best": m.test_at_best, "schedule_epochs": self.schedule_epochs,
             "meta": {"num_classes": int(self.data.num_classes), "input_shape": [int(v) for v in self.data.input_shape],
-                     "task": str(self.data.task), "world_size": self.dist.world_size, "threads": self.threads},
+                     "task": str(self.data.task), "world_size": self.dist.world_size, "threads": self.threads,
+                     "precision": self.precision.name},
         }
         if len(self.members) > 1:
             state["meta"]["multi"] = {"members": len(self.members), "index": i}
@@ -558,10 +480,10 @@ class Trainer:
         if self.epoch >= t.epochs:
             self._print(f"{where}: already trained for {self.epoch} epochs (train.epochs={t.epochs}); nothing to do")
         previous = self._install_signal_handlers()
-        if getattr(self, "_print_later", None):
-            self._print(self._print_later)
+        if getattr(self, "_note", None):
+            self._print(self._note)
         if self.epoch < t.epochs:
-            self._print(self._start_line())
+            self._print(start_line(self))
         started, first_epoch, ended = time.perf_counter(), self.epoch, False
         try:
             while self.epoch < t.epochs:
@@ -570,7 +492,7 @@ class Trainer:
                     raise _StopRequested
             ended = True
             if self.epoch > first_epoch:
-                self._print(self._final_line(self.epoch - first_epoch, time.perf_counter() - started))
+                self._print(final_line(self, self.epoch - first_epoch, time.perf_counter() - started))
         except (_StopRequested, KeyboardInterrupt):
             self._interrupted()
             raise KeyboardInterrupt from None
@@ -605,20 +527,6 @@ class Trainer:
         else:
             self._print(f"interrupted inside a step; kept the last checkpoint (end of epoch {self.epoch}). "
                         f"Continue with: flipnet train --resume {resume}")
-
-    def _start_line(self) -> str:
-        c, d = self.config, self.data
-        sizes = f"{len(d.train_y)} train / " + (f"{len(d.val_y)} validation / " if self.val_loader else "") + f"{len(d.test_y)} test"
-        where = f"{self.device}" + (f" x {self.dist.world_size} processes" if self.dist.enabled else "")
-        runs = f"{len(self.members)} runs ({', '.join(m.label for m in self.members)}) of " if len(self.members) > 1 else ""
-        resumed = (f", resuming after epoch {self.epoch}" + (f" step {self.step}" if self.batch_in_epoch else "")) if self.epoch or self.step else ""
-        line = (f"training {runs}{c.model.name} on {c.data.name} ({sizes}, {self.steps_per_epoch} steps per epoch) with "
-                f"binary={c.optim.binary} real={c.optim.real} on {where}, {self.threads} thread{'s' if self.threads > 1 else ''} "
-                f"({self._threads_reason}){resumed}; run folder {self.group_dir or self.run_dir}")
-        if self.val_loader is None:
-            line += ("\nno validation split (data.val_size is 0 or unset): best.pt is the last evaluated epoch; "
-                     "set data.val_size to select it on held-out training data")
-        return line
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """Ctrl-C and SIGTERM stop at the end of the current step, so the saved state is consistent;
@@ -730,7 +638,7 @@ class Trainer:
             row["time_s"] = elapsed
             m.time_s += elapsed
             self._log_and_save(m, row)
-        self._print(self._epoch_line(elapsed))
+        self._print(epoch_line(self, elapsed))
 
     def _evaluate(self, loader: Any) -> list[dict[str, float]]:
         if self.ensemble is not None:
@@ -740,6 +648,11 @@ class Trainer:
         n = n if isinstance(n, int) else len(self.data.val_y if loader is self.val_loader else self.data.test_y)
         share = len(range(self.dist.rank, n, self.dist.world_size))
         return [evaluate(self.model, loader, self.device, self.amp_dtype, max_samples=share)]
+
+    def results(self) -> list[dict[str, Any]]:
+        """One summary row per member (:func:`flipnet.train.report.results`): last-epoch and
+        best-validation-epoch numbers, seed, folder, threads."""
+        return results(self)
 
     def evaluate(self) -> dict[str, float]:
         """Test-set loss and accuracy of the first member's current model (``{"loss", "acc", "n"}``)."""
@@ -770,51 +683,6 @@ class Trainer:
             self._save(m, "best", state)
         self._save(m, "last", state)
 
-    def _epoch_line(self, elapsed: float) -> str:
-        if len(self.members) > 1:
-            accs = " ".join(f"{m.last_row['test_acc']:.4f}" if m.last_row.get("test_acc") is not None
-                            else f"(train {m.last_row['train_acc']:.4f})" for m in self.members)
-            return f"epoch {self.epoch}/{self.config.train.epochs} | {len(self.members)} runs | test acc {accs} | {elapsed:.1f}s"
-        row = self.members[0].last_row
-        parts = [f"epoch {row['epoch']}/{self.config.train.epochs}", f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"]
-        if row.get("val_acc") is not None:
-            parts.append(f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}")
-        if row.get("test_acc") is not None:
-            parts.append(f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}")
-        if "flip_ratio" in row:
-            parts.append(f"flips {row['flip_ratio']:.3g}")
-        hp = [f"{k}={v:.3g}" for k, v in row.items() if "/" in k and not k.startswith("flip_ratio/")]
-        return " | ".join([*parts, *([" ".join(hp)] if hp else []), f"{row['time_s']:.1f}s"])
-
-    def results(self) -> list[dict[str, Any]]:
-        """One summary row per member: last-epoch and best-validation-epoch numbers, seed, folder."""
-        out = []
-        for m in self.members:
-            r = m.last_row
-            out.append({"label": m.label, "seed": m.config.seed, "epochs": r.get("epoch"), "train_loss": r.get("train_loss"),
-                        "train_acc": r.get("train_acc"), "test_loss": r.get("test_loss"), "test_acc": r.get("test_acc"),
-                        "best_epoch": m.best_epoch or None, "best_val_acc": m.best if math.isfinite(m.best) else None,
-                        "test_acc_at_best": m.test_at_best, "flip_ratio": r.get("flip_ratio"), "time_s": m.time_s,
-                        "device": str(self.device), "threads": self.threads, "run_dir": str(m.run_dir)})
-        return out
-
-    def _final_line(self, epochs: int, seconds: float) -> str:
-        res = self.results()
-        if len(res) == 1:
-            r = res[0]
-            at_best = (f", {r['test_acc_at_best']:.4f} at the best validation epoch {r['best_epoch']} (val {r['best_val_acc']:.4f})"
-                       if r["best_val_acc"] is not None and r["test_acc_at_best"] is not None else " (no validation split)")
-            acc = f"test accuracy {r['test_acc']:.4f} at the last epoch{at_best}; " if r["test_acc"] is not None else ""
-            return f"done: {epochs} epochs in {seconds:.1f} s; {acc}run folder {self.run_dir}"
-        import statistics
-
-        def stat(key: str) -> str:
-            v = [r[key] for r in res if r[key] is not None]
-            return f"{statistics.fmean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}" if v else "n/a"
-
-        return (f"done: {epochs} epochs of {len(res)} runs in {seconds:.1f} s; test accuracy {stat('test_acc')} at the last epoch, "
-                f"{stat('test_acc_at_best')} at the best validation epoch; group folder {self.group_dir}")
-
     def _finish_files(self, seconds: float) -> None:
         if not self.is_main:
             return
@@ -823,13 +691,14 @@ class Trainer:
                 m.tb.close()
         if not any(m.logger and m.logger.rows for m in self.members):
             return
-        extra = {"threads": self.threads, "threads_reason": self._threads_reason, "wall_time_s": seconds}
-        results = self.results()
+        extra = {"threads": self.threads, "threads_reason": self._threads_reason, "precision": self.precision.name,
+                 "precision_reason": self.precision.reason, "wall_time_s": seconds}
+        rows = results(self)
         try:
-            for m, r in zip(self.members, results):
+            for m, r in zip(self.members, rows):
                 write_summary(m.run_dir / "summary.json", {"name": m.config.name, **r, **extra})
             if self.group_dir is not None:
-                write_group_files(self.group_dir, results, [m.logger.rows if m.logger else [] for m in self.members],
+                write_group_files(self.group_dir, rows, [m.logger.rows if m.logger else [] for m in self.members],
                                   {"name": self.config.name, "mode": "vectorized", **extra})
         except OSError as e:
             warnings.warn(f"could not write the run summary: {e}", stacklevel=2)
@@ -841,6 +710,6 @@ class Trainer:
                     if m.logger and m.logger.rows:
                         plot_runs([m.run_dir], m.run_dir / "plots")
                 if self.group_dir is not None:
-                    plot_runs([m.run_dir for m in self.members], self.group_dir / "plots", [m.label for m in self.members])
+                    plot_runs([self.group_dir], self.group_dir / "plots")  # seeds as mean ± std bands, labelled by what differs
             except (OSError, ValueError, RuntimeError) as e:
                 warnings.warn(f"could not draw the plots of {self.group_dir or self.run_dir}: {e}", stacklevel=2)
