@@ -502,3 +502,17 @@ def test_version_is_the_lowest_that_describes_the_file(tmp_path: Path) -> None:
     assert doc["version"] == 2
     x = torch.randn(1, 2, 4, 4)
     torch.testing.assert_close(load_exported(path)(x), PadShortcut(2, 4, 2)(x))
+
+
+def test_batchnorm_and_dropout_subclasses_with_their_own_forward_are_refused(tmp_path: Path) -> None:
+    class Noisy(nn.Dropout):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + 1
+
+    class Centred(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x - x.mean()
+
+    for layer in (Noisy(), Centred(3)):
+        with pytest.raises(ValueError, match="has its own forward"):
+            export_model(nn.Sequential(layer), tmp_path / "x.safetensors")

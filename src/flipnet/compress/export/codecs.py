@@ -158,6 +158,13 @@ def _exact(name: str, m: nn.Module, *classes: type) -> None:
         raise ValueError(f"layer {name!r}: cannot export a {type(m).__name__}; supported layers are listed in docs/deployment.md")
 
 
+def _same_forward(name: str, m: nn.Module, *classes: type) -> None:
+    """Accept subclasses that keep the forward of one of ``classes`` (e.g. flipnet's BatchNorm2d)."""
+    if type(m).forward not in {cls.forward for cls in classes}:
+        raise ValueError(f"layer {name!r}: a {type(m).__name__} has its own forward and cannot be exported; "
+                         "register a codec for it (docs/deployment.md)")
+
+
 # ================================================================= activations (one table each way)
 class _Sign(nn.Module):
     """``sign`` with ``sign(0) = +1`` (inference form of the sign quantizers)."""
@@ -488,6 +495,7 @@ def _decode_real(r: Reader, is_conv: bool) -> list[nn.Module]:
 # ================================================================= BatchNorm and thresholds
 def _encode_batchnorm(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
     assert isinstance(m, nn.modules.batchnorm._BatchNorm)
+    _same_forward(name, m, nn.BatchNorm1d, nn.BatchNorm2d)
     e = Entry("batchnorm", name, num_features=int(m.num_features), eps=float(m.eps),
               dims=1 if isinstance(m, nn.BatchNorm1d) else 2)
     if m.running_mean is not None and m.running_var is not None and m.track_running_stats:
@@ -596,6 +604,7 @@ def _encode_sequential(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
 
 
 def _encode_dropped(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
+    _same_forward(name, m, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
     return []  # identity and dropout: nothing at inference
 
 
