@@ -273,3 +273,48 @@ def test_vectorised_cuda_graphs_match_eager_on_gpu(tmp_path, binary):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["flip_ratio"] == pytest.approx(b["flip_ratio"], rel=1e-6)
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-12)
+
+
+def test_multi_seed_run_resumes_stops_on_nan_and_plots(tmp_path):
+    """The group is one trainer: Ctrl-C saves every member, --resume ends where an uninterrupted
+    group ends, plots are drawn, and a NaN in one member stops all with its name."""
+    import os
+    import signal
+
+    from flipnet.train.callbacks import Callback
+    from flipnet.train.loop import Trainer
+
+    class SigintAfterEpoch1(Callback):
+        def on_epoch_end(self, trainer, metrics):
+            if trainer.epoch == 1 and trainer.member is trainer.members[-1]:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    base = ["train.epochs=3", "train.plots=true", "seeds=[0,1]"]
+    straight = Trainer.from_config(_tiny_config(tmp_path, *base, "output.name=straight"))
+    straight.fit()
+    group = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.from_config(_tiny_config(tmp_path, *base, "output.name=cut"), callbacks=[SigintAfterEpoch1()]).fit()
+    assert all(load_checkpoint(group / f"seed_{s}" / "checkpoints" / "last.pt")["epoch"] == 1 for s in (0, 1))
+    resumed = Trainer.from_config(load_config(group / "config.yaml"), resume=group)
+    assert resumed.epoch == 1 and len(resumed.members) == 2
+    resumed.fit()
+    for a, b in zip(straight.members, resumed.members):
+        for k, v in a.model.state_dict().items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, b.model.state_dict()[k]), k
+        assert [r["test_acc"] for r in read_metrics(a.run_dir)] == [r["test_acc"] for r in read_metrics(b.run_dir)]
+    assert (group / "plots" / "accuracy.png").is_file() and (group / "seed_1" / "plots" / "loss.png").is_file()
+    summary = json.loads((group / "summary.json").read_text())
+    assert summary["n"] == 2 and "test_acc_at_best" in summary and summary["members"] == ["seed_0", "seed_1"]
+
+    class PoisonSecond(Callback):
+        def on_step_end(self, trainer):
+            if trainer.step == 3:
+                with torch.no_grad():
+                    trainer.members[1].model.fc1.weight[0, 0] = float("nan")  # sign(NaN) = -1: loss stays finite
+
+    from flipnet.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"run seed_1: weight fc1.weight became NaN/inf in epoch 1"):
+        Trainer.from_config(_tiny_config(tmp_path, *base, "output.name=nan"), callbacks=[PoisonSecond()]).fit()
