@@ -417,12 +417,15 @@ def report(h: LatentHparams) -> str:
             lines.append("")
             lines.append("as a flipnet recipe:")
             lines.append(f"  optim: {{binary: cema, binary_kwargs: {{alpha: {f.alpha:.6g}, gamma: {f.gamma:.6g}}}}}")
-            if h.schedule == "linear":
-                end = h.end_lr * h.weight_decay if h.decoupled else None
-                if end is not None:
-                    lines.append(f"  schedules: [{{key: alpha, route: binary, type: linear, end: {end:.6g}, unit: step}}]")
-            elif h.schedule == "cosine" and h.decoupled:
-                lines.append(f"  schedules: [{{key: alpha, route: binary, type: cosine, end: {h.end_lr * h.weight_decay:.6g}, unit: step}}]")
+            if h.schedule in ("linear", "cosine"):
+                assert f.alpha_of_step is not None
+                end = float(np.asarray(f.alpha_of_step(np.array([float(h.steps)])))[0])
+                end = 0.0 if abs(end) < 1e-9 * f.alpha else end  # rounding noise of the pole formula
+                approx = "" if h.decoupled else "   # approximately: with coupled decay alpha_t is not exactly this shape"
+                lines.append(f"  schedules: [{{key: alpha, route: binary, type: {h.schedule}, end: {end:.6g}, unit: step}}]{approx}")
+            elif h.schedule == "step":
+                lines.append(f"  schedules: [{{key: alpha, route: binary, type: step, factor: {h.step_factor:g}, every: {h.step_every}, unit: step}}]"
+                             + ("" if h.decoupled else "   # approximately (coupled decay)"))
     lines.append("")
     lines.append("redundant magnitude hyperparameters:")
     for note in redundancy_notes(h):
