@@ -604,6 +604,8 @@ def _load_yaml_text(text: str) -> Any:
     loader = _LimitedLoader(text)
     try:
         return loader.get_single_data()
+    except ConfigError:
+        raise
     except (ValueError, OverflowError, RecursionError) as e:  # a constructor's own refusal
         raise ConfigError(f"the YAML text holds a value that cannot be read ({type(e).__name__}: {e})") from None
     finally:
