@@ -242,7 +242,10 @@ def build(kind: str, seeds: int, filters: int, dense_units: int, device: torch.d
     if seeds == 1:
         model = prepare_model(build_model(kind, filters, dense_units), device, channels_last)
         return model, optimizer_for(kind, model), F.cross_entropy, None
-    from flipnet.train.multi import SeedEnsemble, SeedOptimizer
+    try:
+        from flipnet.train.ensemble import SeedEnsemble, SeedOptimizer
+    except ImportError:  # before the move out of flipnet.train.multi
+        from flipnet.train.multi import SeedEnsemble, SeedOptimizer
 
     members = [build_model(kind, filters, dense_units, seed=s).to(device) for s in range(seeds)]
     ensemble = SeedEnsemble(members, channels_last=channels_last)

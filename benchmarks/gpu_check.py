@@ -837,7 +837,10 @@ def _build_fast_run(cfg: Any, seeds: list[int], dev: Any) -> dict[str, Any]:
     """
     import torch
 
-    from flipnet.train.multi import SeedEnsemble, SeedOptimizer
+    try:
+        from flipnet.train.ensemble import SeedEnsemble, SeedOptimizer
+    except ImportError:  # before the move out of flipnet.train.multi
+        from flipnet.train.multi import SeedEnsemble, SeedOptimizer
 
     try:
         from flipnet.train import build as B
