@@ -516,3 +516,9 @@ def test_batchnorm_and_dropout_subclasses_with_their_own_forward_are_refused(tmp
     for layer in (Noisy(), Centred(3)):
         with pytest.raises(ValueError, match="has its own forward"):
             export_model(nn.Sequential(layer), tmp_path / "x.safetensors")
+    class Doubled(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    with pytest.raises(ValueError, match="has its own forward"):
+        export_model(nn.Sequential(Doubled(2, 2, 1)), tmp_path / "x.safetensors")

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from ...errors import ExportFormatError
 from ...functional import conv_nd, explicit_padding
-from ...layers import BinaryLayer
-from ...models.common import SequentialModel
+from ...layers import BinaryConv1d, BinaryConv2d, BinaryLayer, BinaryLinear
+from ...models.common import FloatConv2d, FloatLinear, SequentialModel
 from ...models.resnet import BasicBlock, BiRealBlock, PadShortcut, ResNet
 from ...quantizers import Quantizer, quantizer_name, sign
 from .. import qbn
@@ -335,6 +335,7 @@ def _signs_and_magnitude(q: Tensor) -> tuple[Tensor, Tensor | None] | None:
 
 def _encode_binary(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
     assert isinstance(m, BinaryLayer)
+    _same_forward(name, m, BinaryConv1d, BinaryConv2d, BinaryLinear)
     is_conv = isinstance(m, (nn.Conv1d, nn.Conv2d))
     with torch.no_grad():
         q = m.quantized_weight()
@@ -461,6 +462,7 @@ class RealLayer(nn.Module):
 
 
 def _encode_real(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
+    _same_forward(name, m, nn.Conv1d, nn.Conv2d, nn.Linear, FloatConv2d, FloatLinear)
     is_conv = isinstance(m, (nn.Conv1d, nn.Conv2d))
     inp = act_spec(getattr(m, "input_quantizer", None), f"layer {name!r} input")
     e = Entry("real_conv" if is_conv else "real_linear", name, input=inp, order="bias_scale")
