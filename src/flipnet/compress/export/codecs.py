@@ -44,6 +44,7 @@ __all__ = [
     "codec_for",
     "list_codecs",
     "decode_entries",
+    "residual_entry",
     "Residual",
 ]
 
