@@ -980,7 +980,7 @@ def _fast_run(ctx: Ctx, stack: Any) -> None:
     r["cifar10"] = str(found) if found else None
     r["cifar10_looked_in"] = looked
     if not smoke and not cuda:
-        raise SectionSkipped(f"the fast run needs a CUDA GPU (one CPU epoch of BinaryNet x 3 seeds takes hours); CIFAR-10 "
+        raise SectionSkipped("the fast run needs a CUDA GPU (one CPU epoch of BinaryNet x 3 seeds takes hours); CIFAR-10 "
                              + (f"found at {found}" if found else "not found (looked in " + ", ".join(looked) + ")"))
     if smoke:
         cfg = load_config(FAST_RECIPE, [
@@ -1364,7 +1364,7 @@ def _watchdog(ctx: Ctx, seconds: float) -> threading.Timer:
             for s in ctx.report.data["sections"]:
                 if s["status"] == "running":
                     s["status"] = "timeout"
-                    s["note"] = f"the kit's budget ran out during this section; the watchdog ended the process"
+                    s["note"] = "the kit's budget ran out during this section; the watchdog ended the process"
                     s["elapsed_s"] = time.monotonic() - s.pop("_t0", time.monotonic())
             ctx.report.data["kit"]["ended_by_watchdog"] = True
             try:

@@ -351,22 +351,22 @@ def pack_signs(x: Tensor) -> Tensor:
     (per pixel along channels). Bit = ``x >= 0`` (``sign(0) = +1``; NaN packs as -1).
     """
     kern = _kernels()
+    if not x.is_floating_point():
+        x = x.float()
     if x.dim() == 2:
         p, c = x.shape
-        outer, inner = p, 1
+        inner = 1
         s_outer, s_inner, s_c = x.stride(0), 0, x.stride(1)
         shape: Sequence[int] = (p,)
     elif x.dim() == 4:
         n, c, h, w = x.shape
         if x.stride(2) != w * x.stride(3):  # pixels must be one strided run per image
             x = x.contiguous()
-        p, outer, inner = n * h * w, n, h * w
+        p, inner = n * h * w, h * w
         s_outer, s_inner, s_c = x.stride(0), x.stride(3), x.stride(1)
         shape = (n, h, w)
     else:
         raise ValueError(f"expected a 2-d or 4-d input, got {x.dim()}-d")
-    if not x.is_floating_point():
-        x = x.float()
     cw64 = -(-c // 64)
     out = torch.empty(p, 2 * cw64, dtype=torch.int32, device=x.device)
     if p == 0:
