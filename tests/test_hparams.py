@@ -269,3 +269,32 @@ def test_command_module_imports_no_torch() -> None:
     code = "import sys, flipnet.cli.hparams; print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
+
+
+def test_cli_reads_a_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["hparams", "--recipe", "cema_cifar10", "--train-size", "45000"]) == 0
+    out = capsys.readouterr().out
+    assert "CEMA alpha 5e-05  gamma 0.1" in out and "steps 450000 (500 epochs of 900)" in out
+    assert main(["hparams", "--recipe", "cifar10_reactnet_cpu"]) == 0  # size from data.subset - data.val_size
+    assert "(15 epochs of 141)" in capsys.readouterr().out
+    assert main(["hparams", "--recipe", "two_step_latent_step2", "--train-size", "45000"]) == 0
+    assert "equivalent flip filter: integrator" in capsys.readouterr().out
+    assert main(["hparams", "--recipe", "bop_cifar10", "--train-size", "45000"]) == 2
+    assert "binary optimizer is 'bop'" in capsys.readouterr().err
+    assert main(["hparams", "--recipe", "cema_cifar10"]) == 2
+    assert "--train-size" in capsys.readouterr().err
+
+
+def test_recipe_mapping_of_an_sgd_recipe() -> None:
+    from flipnet.analysis.hparams import hparams_from_recipe
+    from flipnet.train.config import config_from_dict
+
+    cfg = config_from_dict({
+        "data": {"name": "digits", "batch_size": 100, "subset": 1000, "val_size": 0},
+        "optim": {"binary": "sgd", "binary_kwargs": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
+                  "schedules": [{"key": "lr", "type": "step", "factor": 0.5, "every": 2, "unit": "epoch"}]},
+        "train": {"epochs": 6},
+    })
+    h = hparams_from_recipe(cfg)
+    assert (h.optimizer, h.decoupled, h.steps_per_epoch, h.steps, h.step_every, h.step_factor) == ("sgd", False, 10, 60, 20, 0.5)
+    assert flip_filter(h).kind == "cema"

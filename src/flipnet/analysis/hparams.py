@@ -79,6 +79,7 @@ __all__ = [
     "redundancy_notes",
     "report",
     "plot_filter",
+    "hparams_from_recipe",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
@@ -517,3 +518,77 @@ def plot_filter(h: LatentHparams, prefix: str, *, title: str | None = None) -> l
     paths.append(p)
     return paths
 
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+
+
+def _recipe_train_size(config: object, train_size: int | None) -> int:
+    if train_size is not None:
+        if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
+            raise ConfigError(f"train size must be a positive integer, got {train_size!r}")
+        return train_size
+    data = config.data  # type: ignore[attr-defined]
+    if data.subset is None:
+        raise ConfigError(
+            f"the recipe trains on all of {data.name!r}; give its number of training examples with --train-size "
+            "(after the validation split) so that steps per epoch are known"
+        )
+    from flipnet.data.base import resolve_val_size
+
+    return data.subset - resolve_val_size(data.val_size, data.subset, data.name)
+
+
+def hparams_from_recipe(config: object, *, train_size: int | None = None, init_scale: float = 0.0) -> LatentHparams:
+    """The :class:`LatentHparams` of a recipe's binary route (a :class:`flipnet.train.config.Config`).
+
+    ``optim.binary`` ``sgd`` (torch's coupled ``weight_decay``), ``adam`` (coupled L2), ``adamw``
+    (decoupled; torch's default decay 0.01) or ``cema`` (given as the SGD set-up with that filter,
+    lr 1); the first ``lr`` schedule of the binary route (``alpha`` for CEMA) becomes the schedule,
+    per step (a per-epoch linear/cosine schedule is a staircase of that line). Steps per epoch come
+    from ``data.batch_size`` and ``train_size`` (default: ``data.subset`` minus the validation
+    split). ``init_scale`` is not in a recipe (the model's initialiser sets it): pass it.
+
+    Raises:
+        ConfigError: another binary optimizer (Bop is a different flip rule), or an unknown size.
+    """
+    optim, data, train = config.optim, config.data, config.train  # type: ignore[attr-defined]
+    n = _recipe_train_size(config, train_size)
+    spe = max(1, -(-n // data.batch_size))
+    steps = max(1, train.epochs * spe)
+    kw = dict(optim.binary_kwargs)
+    name = optim.binary
+    key = "alpha" if name == "cema" else "lr"
+    sched = next((sc for sc in optim.schedules if sc.key == key and sc.route in (None, "binary")), None)
+    schedule, end_value, factor, every = "constant", 0.0, 0.1, 1
+    if sched is not None:
+        if sched.type not in ("constant", "linear", "cosine", "step"):
+            raise ConfigError(f"flipnet hparams reads constant, linear, cosine and step schedules; the recipe's {key} schedule is {sched.type!r}")
+        schedule = sched.type
+        per = spe if sched.unit == "epoch" else 1
+        end_value = float(sched.params.get("end", 0.0))
+        factor = float(sched.params.get("factor", 0.1))
+        every = int(sched.params.get("every", 1)) * per
+    common = dict(schedule=schedule, step_factor=factor, step_every=every, steps=steps, steps_per_epoch=spe, init_scale=init_scale)
+    if name == "cema":
+        alpha, gamma = float(kw["alpha"]), float(kw["gamma"])
+        if alpha <= 0:
+            raise ConfigError("the recipe's CEMA alpha is 0: the binary weights never change")
+        # lr 1, weight decay alpha: alpha_t = lr_t * alpha, so an alpha schedule ending at E is an lr schedule ending at E / alpha
+        return LatentHparams(optimizer="sgd", lr=1.0, momentum=1.0 - gamma, weight_decay=alpha, decoupled=True,
+                             end_lr=end_value / alpha, **common)  # type: ignore[arg-type]
+    if name == "sgd":
+        if kw.get("nesterov"):
+            raise ConfigError("flipnet hparams does not map Nesterov momentum")
+        return LatentHparams(optimizer="sgd", lr=float(kw.get("lr", 1e-3)), momentum=float(kw.get("momentum", 0.0)),
+                             weight_decay=float(kw.get("weight_decay", 0.0)), decoupled=False, end_lr=end_value, **common)  # type: ignore[arg-type]
+    if name in ("adam", "adamw"):
+        betas = kw.get("betas", (0.9, 0.999))
+        return LatentHparams(optimizer="adam", lr=float(kw.get("lr", 1e-3)), momentum=float(betas[0]), beta2=float(betas[1]),
+                             weight_decay=float(kw.get("weight_decay", 0.01 if name == "adamw" else 0.0)),
+                             decoupled=name == "adamw", end_lr=end_value, **common)  # type: ignore[arg-type]
+    raise ConfigError(
+        f"flipnet hparams maps latent-weight sgd, adam, adamw and cema; the recipe's binary optimizer is {name!r} "
+        "(Bop-style optimizers flip on a thresholded gradient average: a different rule)"
+    )

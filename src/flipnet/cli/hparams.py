@@ -5,6 +5,7 @@
     flipnet hparams --optimizer sgd --lr 0.1 --momentum 0.9 --weight-decay 1e-4 \\
         --schedule linear --epochs 256 --steps-per-epoch 2502 [--coupled] [--init-scale S] [--out PREFIX]
     flipnet hparams --alpha 1e-5 --gamma 0.1 [--lr 0.1] [--epochs ...] [--out PREFIX]
+    flipnet hparams --recipe RECIPE [--train-size N] [--init-scale S] [--out PREFIX]
 
 The first form prints the equivalent CEMA filter (α as a schedule, γ), its effective memory in
 steps and epochs, a recipe snippet and the redundant magnitude hyperparameters; the second (α and
@@ -51,6 +52,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--train-size", type=int, default=None, help="training examples (with --batch-size: steps per epoch)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (with --train-size)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: epochs x steps per epoch, else 1000)")
+    p.add_argument("--recipe", metavar="RECIPE", default=None,
+                   help="read optimizer, lr/alpha schedule, batch size and epochs from a recipe (name or .yaml file)")
     p.add_argument("--alpha", type=float, default=None, help="reverse mapping: CEMA alpha")
     p.add_argument("--gamma", type=float, default=None, help="reverse mapping: CEMA gamma")
     p.add_argument("--out", metavar="PREFIX", default=None, help="draw PREFIX_impulse.png, PREFIX_frequency.png, PREFIX_memory.png")
@@ -87,6 +90,22 @@ def cmd_hparams(ns: argparse.Namespace) -> int:
     """``flipnet hparams``: print the report (and draw the plots with ``--out``)."""
     from flipnet.analysis.hparams import LatentHparams, flip_filter, latent_from_cema, plot_filter, report
 
+    if ns.recipe is not None:
+        from flipnet.analysis.hparams import hparams_from_recipe
+        from flipnet.train.config import load_config
+
+        if ns.alpha is not None or ns.gamma is not None or ns.steps is not None or ns.epochs is not None:
+            raise ConfigError("--recipe reads the optimizer and training length from the recipe; leave out --alpha/--gamma/--steps/--epochs")
+        config = load_config(ns.recipe)
+        h = hparams_from_recipe(config, train_size=ns.train_size, init_scale=ns.init_scale)
+        print(f"recipe {config.name}: binary optimizer {config.optim.binary} {dict(config.optim.binary_kwargs)}, "
+              f"batch {config.data.batch_size}, {config.train.epochs} epochs")
+        print()
+        print(report(h))
+        if ns.out:
+            for path in plot_filter(h, ns.out, title=ns.title or config.name):
+                print(f"wrote {path}")
+        return 0
     steps, spe = _steps(ns)
     if (ns.alpha is None) != (ns.gamma is None):
         raise ConfigError("the reverse mapping needs both --alpha and --gamma")
