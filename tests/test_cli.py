@@ -191,6 +191,29 @@ def test_ctrl_c_in_a_subprocess_saves_and_says_how_to_resume(tmp_path: Path) -> 
     assert saved["epoch"] >= 1 and saved["step"] == saved["epoch"] * per_epoch + saved["batch_in_epoch"]
 
 
+def test_sigterm_in_a_subprocess_saves_and_exits_143(tmp_path: Path) -> None:
+    """A batch scheduler's SIGTERM stops like Ctrl-C: last.pt saved, resume hint, status 143."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flipnet", "train", "data.subset=200", "model.kwargs.hidden_sizes=[32]",
+         "train.epochs=100000", "train.tensorboard=false", "train.plots=false", "output.name=term",
+         "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+    last = tmp_path / "term" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert f"flipnet train --resume {tmp_path / 'term'}" in out and "Traceback" not in err
+    assert main(["train", "--resume", str(tmp_path / "term"), "--force", "train.epochs=1"]) == 0
+
+
 def test_a_closed_output_pipe_is_not_a_traceback() -> None:
     """`flipnet recipes | head -1`: the reader leaves before flipnet writes; no traceback, status 141."""
     proc = subprocess.Popen([sys.executable, "-m", "flipnet", "recipes"], stdout=subprocess.PIPE,
