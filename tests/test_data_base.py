@@ -22,8 +22,8 @@ def test_registry_lists_every_data_set() -> None:
 
 
 def test_unknown_name_and_option_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="unknown data set 'imagenet'.*digits"):
-        load_dataset("imagenet")
+    with pytest.raises(ConfigError, match="unknown data set 'imagenett'; did you mean 'imagenet'.*digits"):
+        load_dataset("imagenett")
     with pytest.raises(ConfigError, match="no option 'sbuset'.*subset"):
         load_dataset("digits", sbuset=10)
     with pytest.raises(ConfigError, match="subset"):
