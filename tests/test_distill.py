@@ -220,3 +220,27 @@ def test_teacher_from_a_run_folder(tmp_path: Path) -> None:
     assert set(state) == set(reference.state_dict())
     with pytest.raises(CheckpointError, match="holds no checkpoints"):
         read_state_dict(tmp_path)
+
+
+def test_the_trainer_trains_on_the_distillation_loss(tmp_path: Path) -> None:
+    from flipnet.train import Trainer
+    from flipnet.train.config import load_config
+
+    torch.manual_seed(1)
+    teacher = create_model("binary_mlp", mode="float", input_size=8, num_classes=10, hidden_sizes=(16,))
+    path = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), path)
+    cfg = load_config("digits_bop", [
+        "train.distill.teacher=binary_mlp", f"train.distill.checkpoint={path}",
+        "train.distill.teacher_kwargs={mode: float, input_size: 8, hidden_sizes: [16]}",
+        "train.epochs=1", "train.device=cpu", "train.progress=false", "train.tensorboard=false", "train.plots=false",
+        f"output.dir={tmp_path / 'runs'}",
+    ])
+    trainer = Trainer.from_config(cfg)
+    loss_fn = trainer.train_step.loss_fn
+    assert isinstance(loss_fn, DistillationLoss)
+    # the teacher it holds is the file's
+    x = torch.randn(4, 1, 8, 8)
+    teacher.eval()
+    torch.testing.assert_close(loss_fn.teacher_logits(x), teacher(x))
+    trainer.fit()
