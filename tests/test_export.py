@@ -306,9 +306,13 @@ def test_cli_export_of_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.gpu
-def test_exported_model_runs_on_cuda(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["binarynet", "resnet20"])
+def test_exported_model_runs_on_cuda(tmp_path: Path, name: str) -> None:
     torch.manual_seed(6)
-    model = randomize_bn(small_binarynet())
+    if name == "binarynet":
+        model = randomize_bn(small_binarynet())
+    else:
+        model = randomize_bn(create_model("resnet20", num_classes=10, in_channels=3, base_width=4))
     path = tmp_path / "g.safetensors"
     export_model(model, path)
     x = torch.rand(4, 3, 12, 12) * 2 - 1
