@@ -30,7 +30,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -44,13 +43,13 @@ from flipnet.metrics import FlipRatio
 from flipnet.utils import atomic_write_text, seed_everything
 
 from . import build
-from .callbacks import Callback, MetricsLogger, ProgressBar, TensorBoardLogger, write_group_files, write_summary
+from .callbacks import Callback, MetricsLogger, ProgressBar, TensorBoardLogger
 from .checkpoint import get_rng_state, save_checkpoint, set_rng_state
 from .config import Config, config_to_dict, dump_config
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed
 from .ensemble import NotVectorizable, SeedEnsemble, SeedOptimizer, ensemble_loss, ensemble_metrics, evaluate_ensemble
 from .fast import make_train_step, prepare_model
-from .report import epoch_line, final_line, hyperparameter_values, results, start_line
+from .report import epoch_line, final_line, finish_files, hyperparameter_values, results, start_line
 
 __all__ = ["Trainer", "Member", "evaluate"]
 
@@ -502,7 +501,7 @@ class Trainer:
             self.bar.close()
             for cb in self.callbacks:
                 cb.on_train_end(self)
-            self._finish_files(time.perf_counter() - started)
+            finish_files(self, time.perf_counter() - started)
             # Under DDP no rank may run ahead (and tear down its process group) while rank 0 still
             # writes; only where every rank is known to get here (a normal end or an agreed stop).
             if ended or (self.dist.enabled and self._stop_shared):
@@ -682,34 +681,3 @@ class Trainer:
         if improved:
             self._save(m, "best", state)
         self._save(m, "last", state)
-
-    def _finish_files(self, seconds: float) -> None:
-        if not self.is_main:
-            return
-        for m in self.members:
-            if m.tb is not None:
-                m.tb.close()
-        if not any(m.logger and m.logger.rows for m in self.members):
-            return
-        extra = {"threads": self.threads, "threads_reason": self._threads_reason, "precision": self.precision.name,
-                 "precision_reason": self.precision.reason, "wall_time_s": seconds}
-        rows = results(self)
-        try:
-            for m, r in zip(self.members, rows):
-                write_summary(m.run_dir / "summary.json", {"name": m.config.name, **r, **extra})
-            if self.group_dir is not None:
-                write_group_files(self.group_dir, rows, [m.logger.rows if m.logger else [] for m in self.members],
-                                  {"name": self.config.name, "mode": "vectorized", **extra})
-        except OSError as e:
-            warnings.warn(f"could not write the run summary: {e}", stacklevel=2)
-        if self.config.train.plots:
-            from .plots import plot_runs
-
-            try:  # never lose a run over a plot
-                for m in self.members:
-                    if m.logger and m.logger.rows:
-                        plot_runs([m.run_dir], m.run_dir / "plots")
-                if self.group_dir is not None:
-                    plot_runs([self.group_dir], self.group_dir / "plots")  # seeds as mean ± std bands, labelled by what differs
-            except (OSError, ValueError, RuntimeError) as e:
-                warnings.warn(f"could not draw the plots of {self.group_dir or self.run_dir}: {e}", stacklevel=2)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable
+
+from .callbacks import write_group_files, write_summary
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer
 
-__all__ = ["HYPERPARAM_KEYS", "hyperparameter_values", "start_line", "epoch_line", "final_line", "results"]
+__all__ = ["HYPERPARAM_KEYS", "hyperparameter_values", "start_line", "epoch_line", "final_line", "results", "finish_files"]
 
 #: Param-group keys logged each epoch (per route) when present: learning rate, Bop's γ and τ,
 #: CEMA's σ/α, momentum. Keys that have a schedule in the recipe are logged too.
@@ -108,3 +111,37 @@ def final_line(self: Trainer, epochs: int, seconds: float) -> str:
 
     return (f"done: {epochs} epochs of {len(res)} runs in {seconds:.1f} s; test accuracy {stat('test_acc')} at the last epoch, "
             f"{stat('test_acc_at_best')} at the best validation epoch; group folder {self.group_dir}")
+
+
+def finish_files(self: Trainer, seconds: float) -> None:
+    """At the end (finished, interrupted or diverged), rank 0: close TensorBoard, write each
+    member's ``summary.json`` (and the group files), draw the plots. Plots never fail a run."""
+    if not self.is_main:
+        return
+    for m in self.members:
+        if m.tb is not None:
+            m.tb.close()
+    if not any(m.logger and m.logger.rows for m in self.members):
+        return
+    extra = {"threads": self.threads, "threads_reason": self._threads_reason, "precision": self.precision.name,
+             "precision_reason": self.precision.reason, "wall_time_s": seconds}
+    rows = results(self)
+    try:
+        for m, r in zip(self.members, rows):
+            write_summary(m.run_dir / "summary.json", {"name": m.config.name, **r, **extra})
+        if self.group_dir is not None:
+            write_group_files(self.group_dir, rows, [m.logger.rows if m.logger else [] for m in self.members],
+                              {"name": self.config.name, "mode": "vectorized", **extra})
+    except OSError as e:
+        warnings.warn(f"could not write the run summary: {e}", stacklevel=2)
+    if self.config.train.plots:
+        from .plots import plot_runs
+
+        try:  # never lose a run over a plot
+            for m in self.members:
+                if m.logger and m.logger.rows:
+                    plot_runs([m.run_dir], m.run_dir / "plots")
+            if self.group_dir is not None:
+                plot_runs([self.group_dir], self.group_dir / "plots")  # seeds as mean ± std bands, labelled by what differs
+        except (OSError, ValueError, RuntimeError) as e:
+            warnings.warn(f"could not draw the plots of {self.group_dir or self.run_dir}: {e}", stacklevel=2)
