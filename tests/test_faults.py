@@ -473,6 +473,41 @@ def test_api_disk_full_while_saving(work: Path, monkeypatch: pytest.MonkeyPatch)
     assert_kept(before, work)
 
 
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_api_nan_weights_stop_the_run_and_are_never_saved(work: Path) -> None:
+    """Sign quantizers map NaN to -1, so a NaN weight used to train on at chance and be saved."""
+    from flipnet.errors import TrainingDiverged
+    from flipnet.train.callbacks import Callback
+    from flipnet.train.config import load_config
+    from flipnet.train.loop import Trainer
+
+    class Poison(Callback):
+        def on_step_end(self, trainer) -> None:
+            if trainer.step == 8:  # in epoch 2 (6 steps per epoch)
+                model = trainer.model
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if p.dim() == 1).fill_(float("nan"))
+
+    config = load_config("digits_bop", [*TINY[1:], "train.epochs=3", f"output.dir={work / 'runs'}", "output.name=p"])
+    with pytest.raises(TrainingDiverged, match="NaN") as info:
+        Trainer.from_config(config, callbacks=[Poison()]).fit()
+    assert "\n" not in str(info.value)
+    last = torch.load(work / "runs" / "p" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1
+    floats = [t for t in _tensors(last["model"]) if t.is_floating_point()]
+    assert floats and all(bool(torch.isfinite(t).all()) for t in floats)
+
+
 # --------------------------------------------------------------------- real processes (slowest)
 
 
