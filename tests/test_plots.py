@@ -65,6 +65,11 @@ def test_honest_axes_whole_epochs_and_legend_outside(tmp_path: Path, figures: di
         renderer = figures[name].test_renderer
         assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # right of the axes
     assert figures["flip_ratio.png"].axes[0].get_yscale() == "log"
+    plot_runs([a, b], tmp_path / "zoom", acc_min=0.5)  # a zoomed accuracy axis says so
+    acc = figures["accuracy.png"].axes[0]
+    assert acc.get_ylim() == (0.5, 1.0) and "axis starts at 0.5" in acc.get_ylabel()
+    with pytest.raises(ValueError, match="acc_min"):
+        plot_runs([a], tmp_path / "bad", acc_min=1.0)
 
 
 def test_labels_are_the_differing_hyperparameters(tmp_path: Path, figures: dict[str, Any]) -> None:

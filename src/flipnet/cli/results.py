@@ -2,7 +2,7 @@
 
 ::
 
-    flipnet plot RUN_OR_GROUP [...] [--out DIR] [--labels A B ...] [--separate-seeds] [--prefix TEXT]
+    flipnet plot RUN_OR_GROUP [...] [--out DIR] [--labels A B ...] [--separate-seeds] [--prefix TEXT] [--acc-min A]
     flipnet compare RUN_OR_GROUP [...] [--csv FILE] [--labels A B ...] [--separate-seeds]
 
 A group folder (``flipnet train RECIPE seeds=[0,1,2]``) stands for its member runs; runs that
@@ -37,6 +37,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="one legend label per curve (default: the differing hyperparameters)")
     p.add_argument("--separate-seeds", action="store_true", help="one curve per run instead of mean ± std bands")
     p.add_argument("--prefix", default="", metavar="TEXT", help="file-name prefix, e.g. gallery_ (gallery_loss.png, ...)")
+    p.add_argument("--acc-min", type=float, default=0.0, metavar="A",
+                   help="start the accuracy axis at A instead of 0 (the axis label says so)")
     p.set_defaults(func=cmd_plot)
 
     p = subparsers.add_parser(
@@ -60,7 +62,8 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     from flipnet.train.plots import plot_runs
 
     try:
-        paths = plot_runs(ns.runs, ns.out, ns.labels, merge_seeds=not ns.separate_seeds, prefix=ns.prefix)
+        paths = plot_runs(ns.runs, ns.out, ns.labels, merge_seeds=not ns.separate_seeds, prefix=ns.prefix,
+                           acc_min=ns.acc_min)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for path in paths:

@@ -108,6 +108,7 @@ def plot_runs(
     *,
     merge_seeds: bool = True,
     prefix: str = "",
+    acc_min: float = 0.0,
 ) -> list[Path]:
     """Draw ``loss.png``, ``accuracy.png`` and ``flip_ratio.png`` for runs, seed groups or an overlay.
 
@@ -119,6 +120,8 @@ def plot_runs(
             own curve); default: the differing hyperparameters.
         merge_seeds: draw runs that differ only in the seed as one mean ± std band (default).
         prefix: put before each file name (``prefix="gallery_"`` writes ``gallery_loss.png``, ...).
+        acc_min: lower end of the accuracy axis (default 0: the full 0..1 range); a value above 0
+            zooms in, and the axis label and a note in the corner say where the axis starts.
 
     Returns:
         The paths written. ``flip_ratio.png`` is drawn only when some run logged flip ratios;
@@ -137,6 +140,8 @@ def plot_runs(
 
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run folder")
+    if isinstance(acc_min, bool) or not isinstance(acc_min, (int, float)) or not 0.0 <= acc_min < 1.0:
+        raise ValueError(f"acc_min must be a number in [0, 1), got {acc_min!r}")
     if "/" in prefix or "\\" in prefix or prefix in (".", ".."):
         raise ValueError(f"prefix must be a file-name prefix without folders, got {prefix!r}")
     groups, _ = load_groups(run_dirs, labels, merge_seeds)
@@ -166,7 +171,11 @@ def plot_runs(
         _epoch_axis(ax, all_epochs)
         ax.set_ylabel(ylabel)
         if metric == "acc":
-            ax.set_ylim(0.0, 1.0)
+            ax.set_ylim(float(acc_min), 1.0)
+            if acc_min > 0:
+                ax.set_ylabel(f"{ylabel}; axis starts at {acc_min:g}")
+                ax.text(0.01, 0.01, f"zoomed: accuracy axis from {acc_min:g} to 1", transform=ax.transAxes,
+                        fontsize=7, color="0.35", va="bottom")
         else:
             ax.set_ylim(0.0, top * 1.05 if top > 0 else 1.0)
         ax.set_title(_title(title, groups), fontsize=10)
