@@ -775,7 +775,7 @@ def sec_epoch_time(ctx: Ctx) -> None:
     not_run: list[str] = []
     r["rows"] = []
     r["not_run"] = not_run
-    plan = _epoch_plan(smoke, dev.type == "cuda")
+    plan = [c for c in _epoch_plan(smoke, dev.type == "cuda") if c[2] in ctx.args.epoch_modes]
     for kind, prec, mode, seeds, batch in plan:
         label = f"{kind} {prec} {mode} seeds={seeds} batch={batch}"
         need = 3.0 if smoke else (40.0 if "compile" in mode else (4.0 + batch / 256))
@@ -1431,6 +1431,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="every section on the CPU with tiny configs (under a minute)")
     p.add_argument("--sections", default=",".join(SECTION_NAMES), help="comma list of sections to run, in the kit's order")
     p.add_argument("--agreement-steps", type=int, default=300, help="steps of the GPU-vs-CPU run (fewer if the cap ends it)")
+    p.add_argument("--epoch-modes", default="eager,cuda_graphs,compile,compile+cuda_graphs",
+                   help="modes the epoch_time section times, e.g. compile,compile+cuda_graphs for a second call")
     args = p.parse_args(argv)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in wanted if s not in SECTION_NAMES]
@@ -1441,6 +1443,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--budget-s must be more than {RESERVE_S + 1:.0f}")
     if args.agreement_steps < 1:
         p.error("--agreement-steps must be at least 1")
+    from epoch_time import MODES
+
+    args.epoch_modes = [m.strip() for m in args.epoch_modes.split(",") if m.strip()]
+    bad = [m for m in args.epoch_modes if m not in MODES]
+    if bad or not args.epoch_modes:
+        p.error(f"unknown --epoch-modes {bad}; valid: {', '.join(MODES)}")
     if args.state_dir is None:
         args.state_dir = REPO / "runs" / "gpu_check_state"
     return args
