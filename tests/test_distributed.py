@@ -130,10 +130,12 @@ def test_two_ranks_stay_identical_and_only_rank0_writes(tmp_path: Path) -> None:
     assert len(runs) == 1 and str(runs[0]) == r0["run_dir"] == r1["run_dir"]
     rows = read_metrics(runs[0])
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert [r["step"] for r in rows] == [4, 8]  # 256 samples / 2 ranks / batch 32
+    assert [r["step"] for r in rows] == [4, 8]  # 230 training samples (26 held out) / 2 ranks / batch 32
     assert rows[-1]["test_acc"] == pytest.approx(r0["eval"]["acc"])
-    # Training accuracy is over the global batch: a multiple of 1/256.
-    assert abs(rows[-1]["train_acc"] * 256 - round(rows[-1]["train_acc"] * 256)) < 1e-6
+    # Training accuracy is over the global batch: a multiple of 1/230. The 26 validation images are
+    # each counted once too (a multiple of 1/26).
+    assert abs(rows[-1]["train_acc"] * 230 - round(rows[-1]["train_acc"] * 230)) < 1e-6
+    assert abs(rows[-1]["val_acc"] * 26 - round(rows[-1]["val_acc"] * 26)) < 1e-6
     assert proc.stdout.count("epoch 2/2 |") == 1  # printed by rank 0 only
 
 
