@@ -235,3 +235,49 @@ def test_trains_a_few_steps_on_cpu(name: str, binary: str, kwargs: dict, model_k
     assert any("conv" in n and n in dict(flipnet.named_binary_parameters(model)) for n in changed)
     if binary in ("cema", "bop"):
         assert all(bool((p.abs() == 1).all()) for p in flipnet.binary_parameters(model))
+
+
+def test_reference_checkpoint_names_convert() -> None:
+    """Key names of the reference ReActNet-A (feature.<i>.<module>) map onto flipnet's modules.
+
+    Offline, the converted weights of a randomly initialised reference model gave the same logits
+    as the reference forward pass (max |difference| 5e-4 on logits of magnitude 33, float32, two
+    224x224 images; docs/models.md); here the names are checked.
+    """
+    from flipnet.models.reactnet import convert_reference_state_dict
+
+    model = create_model("reactnet_a", weight_quantizer="magnitude_aware_sign")
+    own = model.state_dict()
+    reference_keys = [
+        "feature.0.conv1.weight", "feature.0.bn1.running_var", "fc.weight", "fc.bias",
+        # block 1 (32 -> 64, the two 1x1 halves) and block 3 (128 -> 128)
+        "feature.1.move11.bias", "feature.1.binary_3x3.weight", "feature.1.bn1.weight", "feature.1.move12.bias",
+        "feature.1.prelu1.weight", "feature.1.move13.bias", "feature.1.move21.bias", "feature.1.binary_pw_down1.weight",
+        "feature.1.binary_pw_down2.weight", "feature.1.bn2_1.bias", "feature.1.bn2_2.num_batches_tracked",
+        "feature.1.move22.bias", "feature.1.prelu2.weight", "feature.1.move23.bias",
+        "feature.3.binary_pw.weight", "feature.3.bn2.running_mean",
+    ]
+    fake = {f"module.{k}": torch.zeros(1) for k in reference_keys}
+    converted = convert_reference_state_dict(fake)
+    assert set(converted) <= set(own)
+    assert converted.keys() >= {"stem.conv.weight", "blocks.0.conv1x1a.weight", "blocks.2.conv1x1.weight", "blocks.0.act1.move_in.bias"}
+    # every tensor of the model has a reference name: invert and convert back, then load strictly
+    from flipnet.models.reactnet import _REFERENCE_BLOCK_NAMES
+
+    inverse = {v: k for k, v in _REFERENCE_BLOCK_NAMES.items()}
+    ref_state = {}
+    for k, v in own.items():
+        if k.endswith("_extra_state"):  # flipnet's weight-mode record; the reference has none
+            continue
+        parts = k.split(".")
+        if parts[0] == "stem":
+            ref_state[".".join(["feature.0", {"conv": "conv1", "bn": "bn1"}[parts[1]], *parts[2:]])] = v
+        elif parts[0] == "blocks":
+            name = ".".join(parts[2:-1])
+            ref_state[".".join(["feature", str(int(parts[1]) + 1), inverse[name], parts[-1]])] = v
+        else:
+            ref_state[k] = v
+    assert len(ref_state) == 298  # the reference state dict's length
+    model.load_state_dict(convert_reference_state_dict(ref_state), strict=True)
+    with pytest.raises(ValueError, match="unknown module 'move99'"):
+        convert_reference_state_dict({"feature.2.move99.bias": torch.zeros(1)})

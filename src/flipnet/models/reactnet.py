@@ -59,7 +59,15 @@ from ..errors import ConfigError
 from .common import ModelSpec, check_image_input
 from .registry import register_model
 
-__all__ = ["LearnableBias", "RPReLU", "ReActBlock", "ReActNet", "reactnet_a", "REACTNET_A_WIDTHS"]
+__all__ = [
+    "LearnableBias",
+    "RPReLU",
+    "ReActBlock",
+    "ReActNet",
+    "reactnet_a",
+    "REACTNET_A_WIDTHS",
+    "convert_reference_state_dict",
+]
 
 #: Output widths of the stem (first entry) and of the 13 blocks of ReActNet-A.
 REACTNET_A_WIDTHS: tuple[int, ...] = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
@@ -206,3 +214,61 @@ def reactnet_a(spec: ModelSpec, *, small_input: bool = False, base_width: int = 
         raise ConfigError(f"base_width must be a positive int, got {base_width!r}")
     widths = tuple(r // 32 * base_width for r in REACTNET_A_WIDTHS)  # every reference width is a multiple of 32
     return ReActNet(spec, widths=widths, small_input=small_input)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints of the reference code
+
+#: Module names inside a block of the reference code (``feature.<i>.<name>``) -> flipnet's.
+_REFERENCE_BLOCK_NAMES = {
+    "move11": "move1",
+    "binary_3x3": "conv3x3",
+    "bn1": "bn1",
+    "move12": "act1.move_in",
+    "prelu1": "act1.prelu",
+    "move13": "act1.move_out",
+    "move21": "move2",
+    "binary_pw": "conv1x1",
+    "bn2": "bn2",
+    "binary_pw_down1": "conv1x1a",
+    "binary_pw_down2": "conv1x1b",
+    "bn2_1": "bn2a",
+    "bn2_2": "bn2b",
+    "move22": "act2.move_in",
+    "prelu2": "act2.prelu",
+    "move23": "act2.move_out",
+}
+
+
+def convert_reference_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a state dict of the reference ReActNet-A (``liuzechun/ReActNet``
+    ``mobilenet/*/reactnet.py``, also ``jorisquist/Understanding-WM-HP-in-BNNs``) to flipnet's names.
+
+    ``feature.0.conv1``/``bn1`` become ``stem.conv``/``stem.bn``, ``feature.<i>.<name>`` becomes
+    ``blocks.<i-1>.<flipnet name>``, ``fc`` stays; a ``module.`` prefix (DataParallel) is removed.
+    Load the result into ``create_model("reactnet_a", weight_quantizer="magnitude_aware_sign")``
+    (the reference's scaled sign) for step-2 checkpoints, or into the float twin
+    (``mode="float", activation="approx_sign"``) for step-1 checkpoints. An unknown key raises
+    ``ValueError`` naming it.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        parts = k.split(".")
+        if parts[0] == "fc":
+            out[k] = value
+            continue
+        if parts[0] != "feature" or len(parts) < 4 or not parts[1].isdigit():
+            raise ValueError(f"{key!r} is not a key of the reference ReActNet-A (expected feature.<i>.<module>.<tensor> or fc.*)")
+        i = int(parts[1])
+        if i == 0:
+            stem = {"conv1": "conv", "bn1": "bn"}.get(parts[2])
+            if stem is None:
+                raise ValueError(f"{key!r}: the reference stem has conv1 and bn1 only")
+            out[".".join(["stem", stem, *parts[3:]])] = value
+            continue
+        name = _REFERENCE_BLOCK_NAMES.get(parts[2])
+        if name is None:
+            raise ValueError(f"{key!r}: unknown module {parts[2]!r} in a reference ReActNet block")
+        out[".".join(["blocks", str(i - 1), name, *parts[3:]])] = value
+    return out
