@@ -346,3 +346,14 @@ def test_summary_counts_qbn_layers_at_one_bit_per_weight() -> None:
     before = summary(m, input_size=(1, 2, 6, 6)).params_by_bits
     apply_qbn(m, 2)
     assert summary(m, input_size=(1, 2, 6, 6)).params_by_bits == before
+
+
+def test_summary_memory_of_a_qbn_layer_is_its_indices_plus_codebook() -> None:
+    from flipnet.compress import summary
+
+    conv = BinaryConv2d(64, 64, 3)
+    m = nn.Sequential(conv)
+    apply_qbn(m, 6)
+    row = summary(m, input_size=(1, 64, 5, 5)).layers[0]
+    assert row.type == "BinaryConv2d+QBN(k=6)"
+    assert row.memory_bits == 64 * 64 * 6 + 64 * 9 == qbn_bits(m)[0].bits

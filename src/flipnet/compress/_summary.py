@@ -54,10 +54,11 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..layers import BinaryLayer
 from ..quantizers import MagnitudeAwareSign
-from .qbn import stored_weight
+from .qbn import projection, stored_weight
 
 __all__ = ["summary", "Summary", "LayerSummary"]
 
@@ -400,7 +401,10 @@ def summary(
     seen_params: set[int] = set()
     for name, m in rows:
         in_bits, w_bits = _precisions(m)
-        row = LayerSummary(name=name, type=type(m).__name__, input_bits=in_bits, weight_bits=w_bits)
+        qbn = projection(m)
+        cls = parametrize.type_before_parametrizations(m).__name__
+        row = LayerSummary(name=name, type=cls if qbn is None else f"{cls}+QBN(k={qbn.k})", input_bits=in_bits,
+                           weight_bits=w_bits)
         tensors = list(m.parameters() if isinstance(m, BinaryLayer) else m.parameters(recurse=False))
         # the parameter itself (under QBN's parametrization m.weight is computed from it)
         binary_weight = stored_weight(m) if isinstance(m, BinaryLayer) and m.has_binary_weight else None
@@ -423,6 +427,9 @@ def summary(
                 row.extra_floats = m.weight.shape[0]
         row.params_by_bits = dict(sorted(row.params_by_bits.items()))
         row.memory_bits = sum(bits * n for bits, n in row.params_by_bits.items()) + 32 * row.extra_floats
+        if qbn is not None and binary_weight is not None:  # k-bit kernel indices plus the codebook, not 1 bit per weight
+            taps = qbn.kernel_size[0] * qbn.kernel_size[1]
+            row.memory_bits += binary_weight.numel() // taps * qbn.k + (1 << qbn.k) * taps - binary_weight.numel()
         info[id(m)] = row
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
