@@ -95,6 +95,8 @@ PINNED = {
                          "PackedBinaryLinear", "ThresholdSign", "apply_qbn", "remove_qbn", "kernel_backend", "set_kernel_mode"},
     "flipnet.analysis": {"SignTracker", "analyze_run", "sign_dynamics", "read_snapshot", "list_snapshots", "kernel_codes",
                          "kernel_stats", "coverage_curve", "primary_experiment", "qbn_sweep", "scaling_study"},
+    "flipnet.data": {"AugmentPolicy", "DatasetBundle", "GpuLoader", "HostLoader", "dataset_options", "dataset_shape",
+                     "list_datasets", "load_dataset", "make_loader", "register_dataset", "resolve_augment", "split_validation"},
     "flipnet.layers": {"BinaryLayer", "BinaryConv1d", "BinaryConv2d", "BinaryLinear", "binary_modules", "binary_parameters",
                        "named_binary_parameters", "real_parameters", "named_real_parameters", "apply_constraints",
                        "set_weight_mode"},
