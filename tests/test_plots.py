@@ -68,6 +68,11 @@ def test_honest_axes_whole_epochs_and_legend_outside(tmp_path: Path, figures: di
     plot_runs([a, b], tmp_path / "zoom", acc_min=0.5)  # a zoomed accuracy axis says so
     acc = figures["accuracy.png"].axes[0]
     assert acc.get_ylim() == (0.5, 1.0) and "axis starts at 0.5" in acc.get_ylabel()
+    plot_runs([a, b], tmp_path / "val", splits=["val"])
+    texts = [t.get_text() for t in figures["accuracy.png"].axes[0].get_legend().get_texts()]
+    assert len(texts) == 2 and all(t.endswith("(val)") for t in texts)
+    with pytest.raises(ValueError, match="splits must be"):
+        plot_runs([a], tmp_path / "bad", splits=["dev"])
     with pytest.raises(ValueError, match="acc_min"):
         plot_runs([a], tmp_path / "bad", acc_min=1.0)
 

@@ -2,7 +2,7 @@
 
 ::
 
-    flipnet plot RUN_OR_GROUP [...] [--out DIR] [--labels A B ...] [--separate-seeds] [--prefix TEXT] [--acc-min A]
+    flipnet plot RUN_OR_GROUP [...] [--out DIR] [--labels A B ...] [--separate-seeds] [--prefix TEXT] [--acc-min A] [--splits S ...]
     flipnet compare RUN_OR_GROUP [...] [--csv FILE] [--labels A B ...] [--separate-seeds]
 
 A group folder (``flipnet train RECIPE seeds=[0,1,2]``) stands for its member runs; runs that
@@ -39,6 +39,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prefix", default="", metavar="TEXT", help="file-name prefix, e.g. gallery_ (gallery_loss.png, ...)")
     p.add_argument("--acc-min", type=float, default=0.0, metavar="A",
                    help="start the accuracy axis at A instead of 0 (the axis label says so)")
+    p.add_argument("--splits", nargs="+", choices=("train", "val", "test"), default=["train", "val", "test"],
+                   help="which splits the loss and accuracy figures show (default: all three)")
     p.set_defaults(func=cmd_plot)
 
     p = subparsers.add_parser(
@@ -63,7 +65,7 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 
     try:
         paths = plot_runs(ns.runs, ns.out, ns.labels, merge_seeds=not ns.separate_seeds, prefix=ns.prefix,
-                           acc_min=ns.acc_min)
+                           acc_min=ns.acc_min, splits=ns.splits)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for path in paths:

@@ -32,6 +32,8 @@ from .compare import read_metrics
 
 __all__ = ["read_metrics", "plot_runs", "LINESTYLES"]
 
+#: Data splits a curve can show, in drawing order.
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Line styles cycled (with the colours) for per-layer curves.
 LINESTYLES: tuple[Any, ...] = ("-", "--", ":", "-.")
 
@@ -109,6 +111,7 @@ def plot_runs(
     merge_seeds: bool = True,
     prefix: str = "",
     acc_min: float = 0.0,
+    splits: Sequence[str] = ("train", "val", "test"),
 ) -> list[Path]:
     """Draw ``loss.png``, ``accuracy.png`` and ``flip_ratio.png`` for runs, seed groups or an overlay.
 
@@ -122,6 +125,8 @@ def plot_runs(
         prefix: put before each file name (``prefix="gallery_"`` writes ``gallery_loss.png``, ...).
         acc_min: lower end of the accuracy axis (default 0: the full 0..1 range); a value above 0
             zooms in, and the axis label and a note in the corner say where the axis starts.
+        splits: which of ``train`` (dashed), ``val`` (solid), ``test`` (dotted) the loss and
+            accuracy figures show.
 
     Returns:
         The paths written. ``flip_ratio.png`` is drawn only when some run logged flip ratios;
@@ -142,6 +147,8 @@ def plot_runs(
         raise ValueError("plot_runs needs at least one run folder")
     if isinstance(acc_min, bool) or not isinstance(acc_min, (int, float)) or not 0.0 <= acc_min < 1.0:
         raise ValueError(f"acc_min must be a number in [0, 1), got {acc_min!r}")
+    if not splits or any(sp not in SPLITS for sp in splits):
+        raise ValueError(f"splits must be some of {', '.join(SPLITS)}, got {list(splits)}")
     if "/" in prefix or "\\" in prefix or prefix in (".", ".."):
         raise ValueError(f"prefix must be a file-name prefix without folders, got {prefix!r}")
     groups, _ = load_groups(run_dirs, labels, merge_seeds)
@@ -152,7 +159,8 @@ def plot_runs(
     written: list[Path] = []
     single = len(groups) == 1
     all_epochs = sorted({int(r["epoch"]) for g in groups for run in g.runs for r in run.rows})
-    splits = (("train", "--"), ("val", "-"), ("test", ":"))
+    styles = {"train": "--", "val": "-", "test": ":"}
+    shown = [(sp, styles[sp]) for sp in SPLITS if sp in splits]
 
     for fname, title, ylabel, metric in (
         ("loss.png", "Loss", "cross-entropy loss", "loss"),
@@ -162,7 +170,7 @@ def plot_runs(
         top = 0.0
         for i, g in enumerate(groups):
             color = colors[i % len(colors)]
-            for split, style in splits:
+            for split, style in shown:
                 xs, mean, std = group_series(g.runs, f"{split}_{metric}")
                 label = split if single else f"{g.label} ({split})"
                 if _draw(ax, xs, mean, std, color=color if not single else colors[["train", "val", "test"].index(split)],
