@@ -318,3 +318,10 @@ def test_multi_seed_run_resumes_stops_on_nan_and_plots(tmp_path):
 
     with pytest.raises(TrainingDiverged, match=r"run seed_1: weight fc1.weight became NaN/inf in epoch 1"):
         Trainer.from_config(_tiny_config(tmp_path, *base, "output.name=nan"), callbacks=[PoisonSecond()]).fit()
+
+
+def test_sign_tracking_of_several_seeds_is_refused_clearly(tmp_path):
+    cfg = _tiny_config(tmp_path, "train.track_signs=true")
+    with pytest.raises(ConfigError, match="track_signs records the signs of one run"):
+        train_seeds(cfg, [0, 1], verbose=False)
+    assert not any(tmp_path.iterdir())

@@ -138,6 +138,9 @@ def train_group(
         raise ConfigError(f"member labels must be distinct, got {labels}; use distinct seeds")
     if vectorize not in (True, False, "auto"):
         raise ConfigError(f"vectorize must be true, false or auto, got {vectorize!r}")
+    if configs[0].train.track_signs:
+        raise ConfigError("train.track_signs records the signs of one run; with several seeds train each seed "
+                          "on its own (flipnet train RECIPE seed=N) or set train.track_signs=false")
     if resume and run_dir is None:
         raise ConfigError("resume=True needs run_dir, the group folder to continue")
     started = time.perf_counter()
