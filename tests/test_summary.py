@@ -233,3 +233,13 @@ def test_non_persistent_buffers_are_not_counted() -> None:
     layer.register_buffer("cache", torch.zeros(5), persistent=False)
     layer.register_buffer("stored", torch.zeros(3))
     assert summary(layer, (1, 2)).params_by_bits == {32: 4 + 3}
+
+
+def test_the_example_in_docs_summary_md_prints_what_the_page_shows(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "summary.md").read_text()
+    code, shown = re.search(r"```python\n(.*?)```\s*\nprints\s*\n\n```\n(.*?)```", page, re.S).groups()  # type: ignore[union-attr]
+    exec(compile(code, "docs/summary.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == shown.strip()
