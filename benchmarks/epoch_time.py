@@ -199,13 +199,11 @@ def rate_dtype(precision: str) -> tuple[torch.dtype, bool]:
 
 
 def make_optimizer(model: nn.Module, binary: str, binary_kwargs: dict, real: str, real_kwargs: dict) -> Any:
-    """``flipnet.optim.create_optimizer``, after the explicit weight-mode step where it exists."""
-    from flipnet import optim
+    """``flipnet.optim.create_optimizer`` after the explicit weight-mode step (flip mode for Bop)."""
+    from flipnet.optim import create_optimizer, prepare_model_for
 
-    prepare = getattr(optim, "prepare_model_for", None)
-    if prepare is not None:
-        prepare(model, binary=binary, real=real)
-    return optim.create_optimizer(model, binary, binary_kwargs, real, real_kwargs)
+    prepare_model_for(model, binary=binary, real=real)
+    return create_optimizer(model, binary, binary_kwargs, real, real_kwargs)
 
 
 def build_model(kind: str, filters: int, dense_units: int, seed: int = 0) -> nn.Module:

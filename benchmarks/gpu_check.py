@@ -1048,6 +1048,19 @@ def _fast_run(ctx: Ctx, stack: Any) -> None:
     t_build = time.monotonic()
     run = _build_fast_run(cfg, seeds, dev)
     bundle = run.pop("bundle")
+    try:  # the trainer's resolution of train.precision, where it exists
+        from flipnet.train.build import select_precision
+    except ImportError:
+        select_precision = None
+    if select_precision is not None:
+        chosen = select_precision(precision, dev, run["models"][0])
+        amp_dtype = chosen.amp_dtype
+        r["precision"] = chosen.name
+        r["precision_reason"] = getattr(chosen, "reason", "")
+        if getattr(chosen, "int8", False):
+            chosen.apply(run["ensemble"])
+        if chosen.name == "tf32" and cuda and not tf32:
+            stack.enter_context(fp32_precision(True))
     r["build_s"] = time.monotonic() - t_build
     r["builders"] = run["builders"]
     r["splits"] = {k: len(bundle.split(k)[0]) for k in ("train", "val", "test") if k == "train" or k in run["evals"]}
@@ -1211,15 +1224,9 @@ def sec_packed_inference(ctx: Ctx) -> None:
     r = ctx.result
     r["triton"] = tri.status(dev)
     model = build_model("binarynet", filters, dense, seed=0)
-    from flipnet import optim
+    from flipnet.optim import prepare_model_for
 
-    prepare = getattr(optim, "prepare_model_for", None)
-    if prepare is not None:
-        prepare(model, binary="bop", real="adam")
-    else:
-        from flipnet.layers import set_weight_mode
-
-        set_weight_mode(model, "flip")
+    prepare_model_for(model, binary="bop", real="adam")  # flip mode: the weights become exactly ±1
     _randomize_bn(model)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
