@@ -526,3 +526,17 @@ def test_batchnorm_and_dropout_subclasses_with_their_own_forward_are_refused(tmp
 
     with pytest.raises(ValueError, match="has its own forward"):
         export_model(nn.Sequential(Doubled(2, 2, 1)), tmp_path / "x.safetensors")
+
+
+def test_the_codec_example_in_docs_deployment_md_runs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    start = page.index("**Adding a layer type is one registration.**")
+    code = page[start:].split("```python\n", 1)[1].split("```", 1)[0]
+    # a fresh process: the example registers a codec in the process-wide registry
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert read_export_metadata(tmp_path / "shuffle.safetensors")["layers"][-1] == {
+        "type": "channel_shuffle", "name": "1", "groups": 2, "tensors": {}}
