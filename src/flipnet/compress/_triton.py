@@ -16,12 +16,16 @@ Kernels
     is padded to an even number so that the words view as the int64 layout.
 
     ``gemm``: ``(M, Kw)`` words × ``(N, Kw)`` words → ``(M, N)`` float32
-    ``K − 2·popcount(a ⊕ w)``. Each program computes a ``BLOCK_M × BLOCK_N`` tile; per step it
-    loads ``BLOCK_K`` words of ``BLOCK_M`` rows and of ``BLOCK_N`` weight rows, XORs them as a
-    ``BLOCK_M × BLOCK_N × BLOCK_K`` broadcast, counts bits and sums over the words into an int32
-    accumulator (exact: ``|sum| <= K``). On a GPU the count is the hardware ``popc``
-    instruction (``libdevice.popc``); under Triton's CPU interpreter (``TRITON_INTERPRET=1``,
-    used by the tests) it is the SWAR bit count, since the interpreter has no libdevice.
+    ``K − 2·popcount(a ⊕ w)``, two variants. ``"bcast"``: each program computes a
+    ``BLOCK_M × BLOCK_N`` tile; per step it loads ``BLOCK_K`` words of ``BLOCK_M`` rows and of
+    ``BLOCK_N`` weight rows, XORs them as a ``BLOCK_M × BLOCK_N × BLOCK_K`` broadcast, counts bits
+    and sums over the words. ``"kmajor"``: the operands are transposed to word-major order (the
+    weights once, cached) and each word adds one ``BLOCK_M × BLOCK_N`` outer product of
+    XOR-popcounts, with coalesced loads. Both accumulate in int32 (exact: ``|sum| <= K``). On CUDA
+    the configuration (:data:`CONFIGS`) is chosen per (row bucket, N, Kw) by timing on first use.
+    On a GPU the count is the hardware ``popc`` instruction (``libdevice.popc``); under Triton's
+    CPU interpreter (``TRITON_INTERPRET=1``, used by the tests) it is the SWAR bit count, since
+    the interpreter has no libdevice.
 
 Dense layers pack their input and call ``gemm`` directly. Convolutions pack the input per pixel
 along channels, gather the packed im2col matrix with PyTorch (pad words, ``unfold``; the same
@@ -43,7 +47,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["available", "interpreting", "usable_on", "status", "pack_signs", "xnor_gemm", "linear", "conv2d"]
+__all__ = ["CONFIGS", "available", "interpreting", "usable_on", "status", "pack_signs", "xnor_gemm", "default_config",
+           "linear", "conv2d"]
 
 
 def interpreting() -> bool:
