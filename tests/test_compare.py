@@ -82,7 +82,7 @@ def test_differing_keys_and_short_names() -> None:
     assert differing_keys([a, b]) == ["optim.lr"]  # seed and output never count when something else differs
     assert differing_keys([a, {**a, "seed": 1}]) == ["seed"]
     assert short_keys(["optim.binary_kwargs.lr", "optim.real_kwargs.lr", "train.epochs"]) == {
-        "optim.binary_kwargs.lr": "binary_kwargs.lr", "optim.real_kwargs.lr": "real_kwargs.lr", "train.epochs": "epochs"}
+        "optim.binary_kwargs.lr": "binary_kwargs.lr", "optim.real_kwargs.lr": "real_kwargs.lr", "train.epochs": "train.epochs"}
 
 
 def test_csv_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,3 +101,18 @@ def test_csv_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "no metrics.jsonl" in capsys.readouterr().err
     with pytest.raises(CheckpointError):
         compare_runs([tmp_path / "missing"])
+
+
+def test_labels_when_many_keys_differ(tmp_path: Path) -> None:
+    from flipnet.train.compare import RunRecord, label_groups
+
+    def rec(name: str, **cfg) -> list[RunRecord]:
+        return [RunRecord(tmp_path / name, [], {"name": name.split("#")[0], **cfg})]
+
+    groups = [rec("bop#1", a=1, b=1, c=1, gamma=1), rec("adam", a=2, b=2, c=2, lr=1), rec("bop#2", a=1, b=1, c=1, gamma=2),
+              rec("bop#3", a=1, b=3, c=1, gamma=1)]
+    labelled, keys = label_groups(groups)
+    assert len(keys) > 3
+    # recipe names, and within one name the keys that tell its groups apart (most distinct values first)
+    assert [g.label for g in labelled] == ["bop, b=1, gamma=1", "adam", "bop, b=1, gamma=2", "bop, b=3, gamma=1"]
+    assert short_keys(["train.epochs", "optim.lr"])["train.epochs"] == "train.epochs"  # not the table's own column

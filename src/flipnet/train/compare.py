@@ -282,14 +282,19 @@ def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
     return non_seed or diff
 
 
+#: Column names of the comparison table, which a short key must not repeat.
+_RESERVED = {"run", "seeds", "epochs", "name"}
+
+
 def short_keys(keys: Sequence[str]) -> dict[str, str]:
-    """Shortest unique dotted suffix of each key (``optim.binary_kwargs.gamma`` → ``gamma``)."""
+    """Shortest unique dotted suffix of each key (``optim.binary_kwargs.gamma`` → ``gamma``;
+    ``train.epochs`` stays whole, since the table has its own ``epochs`` column)."""
     out: dict[str, str] = {}
     for k in keys:
         parts = k.split(".")
         for n in range(1, len(parts) + 1):
             cand = ".".join(parts[-n:])
-            if sum(1 for o in keys if o == cand or o.endswith("." + cand)) == 1:
+            if (cand == k or cand not in _RESERVED) and sum(1 for o in keys if o == cand or o.endswith("." + cand)) == 1:
                 out[k] = cand
                 break
         else:
@@ -326,7 +331,14 @@ def label_groups(groups: Sequence[list[RunRecord]], labels: Sequence[str] | None
         if not keys or not c:
             label = g[0].path.name if len(g) == 1 else g[0].path.parent.name or g[0].path.name
         elif len(keys) > MAX_LABEL_KEYS and "name" in keys:
+            # the recipe name, plus what tells apart the groups that share it
+            same = [h[0].config for h in groups if h[0].config.get("name") == c.get("name")]
+            within = [k for k in differing_keys(same) if k != "name"] if len(same) > 1 else []
+            # keys with the most distinct values first: they tell the most groups apart
+            within.sort(key=lambda k: -len({json.dumps(x.get(k), default=str) for x in same}))
             label = str(c.get("name"))
+            if within:
+                label += ", " + ", ".join(f"{short[k]}={fmt_value(c.get(k))}" for k in within[:2]) + (", …" if len(within) > 2 else "")
         else:
             shown = [k for k in keys if k != "name"] or keys
             label = ", ".join(f"{short[k]}={fmt_value(c.get(k))}" for k in shown[:MAX_LABEL_KEYS])
