@@ -28,6 +28,7 @@ import copy
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -538,7 +539,7 @@ class Trainer:
                 raise KeyboardInterrupt
             self._stop_requested, self.stop_signal = True, signum
             if self.is_main:
-                print("\nstopping after this step (press Ctrl-C again to stop at once) ...", file=__import__("sys").stderr, flush=True)
+                print("\nstopping after this step (press Ctrl-C again to stop at once) ...", file=sys.stderr, flush=True)
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
