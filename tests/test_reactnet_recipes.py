@@ -15,7 +15,8 @@ from flipnet.errors import DataNotFoundError
 from flipnet.models import count_parameters
 from flipnet.train.config import load_config
 
-RECIPES = ["imagenet_reactnet_step1", "imagenet_reactnet_step2", "imagenet_reactnet_cema", "cifar10_reactnet_cpu"]
+RECIPES = ["imagenet_reactnet_step1", "imagenet_reactnet_step2", "imagenet_reactnet_cema", "cifar10_reactnet_cpu",
+           "cifar10_reactnet_distill_cpu"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -31,6 +32,8 @@ def test_recipe_builds_its_model(name: str) -> None:
         assert config.train.distill.teacher == "torchvision:resnet34"
     else:
         assert model.input_shape == (3, 32, 32) and counts["total"] == 1_784_746
+        if "distill" in name:
+            assert config.train.distill.teacher == "resnet18"
     if name == "imagenet_reactnet_step1":
         assert counts["binary"] == 0  # real weights, binary activations
     else:
@@ -111,3 +114,37 @@ def test_distillation_really_builds_the_teacher(tmp_path: Path, capsys: pytest.C
     rc = main(["train", "imagenet_reactnet_cema", f"data.root={root}", f"train.distill.checkpoint={tmp_path / 'no.pth'}",
                *FIXTURE_OVERRIDES, "--out", str(tmp_path / "runs")])
     assert rc == 2 and "teacher checkpoint" in capsys.readouterr().err
+
+
+def test_cifar10_teacher_recipe_builds() -> None:
+    from flipnet.train.build import recipe_model
+
+    model = recipe_model(load_config("cifar10_reactnet_teacher_cpu"))
+    assert count_parameters(model) == {"binary": 0, "real": 701_466, "total": 701_466}
+    student = load_config("cifar10_reactnet_distill_cpu")
+    assert student.train.distill.checkpoint == "runs/cifar10_reactnet_teacher_cpu"
+    teacher = load_config("cifar10_reactnet_teacher_cpu")
+    assert student.train.distill.teacher == teacher.model.name and student.train.distill.teacher_kwargs == teacher.model.kwargs
+
+
+def _cifar_folder() -> Path | None:
+    for cand in (Path("/work/shared/data/cifar10"), Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"):
+        if (cand / "cifar10_jpgs.tar.gz").is_file():
+            return cand
+    return None
+
+
+@pytest.mark.slow  # about 30 s: two runs, each decoding from the offline CIFAR-10 archive
+@pytest.mark.skipif(_cifar_folder() is None, reason="the offline CIFAR-10 folder is not in this workspace")
+def test_cifar10_teacher_then_distilled_student(tmp_path: Path) -> None:
+    """The teacher recipe's run folder is the student recipe's teacher checkpoint (tiny sizes)."""
+    root = _cifar_folder()
+    out = tmp_path / "runs"
+    small = [f"data.root={root}", "data.subset=48", "data.val_size=16", "data.test_subset=32", "data.batch_size=16",
+             "data.eval_batch_size=32", "train.epochs=1", "train.device=cpu", "train.progress=false",
+             "train.tensorboard=false", "train.plots=false", "--out", str(out)]
+    assert main(["train", "cifar10_reactnet_teacher_cpu", "model.kwargs.base_width=4", *small]) == 0
+    assert main(["train", "cifar10_reactnet_distill_cpu", "output.name=student", "model.kwargs.base_width=2",
+                 f"train.distill.checkpoint={out / 'cifar10_reactnet_teacher_cpu'}", "train.distill.teacher_kwargs.base_width=4",
+                 *small]) == 0
+    assert (out / "student" / "checkpoints" / "last.pt").is_file()
