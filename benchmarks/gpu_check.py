@@ -279,9 +279,11 @@ def sec_environment(ctx: Ctx) -> None:
                                          text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         r["git_commit"] = None
+    r["source_digest"] = _source_digest()  # identifies the code where the copy has no .git
     dev = ctx.device()
     ctx.md += [f"- torch {r['torch']}, CUDA runtime {r['cuda_runtime']}, cuDNN {r['cudnn']}, triton {r['triton']}, "
-               f"Python {r['python']}, {r['cpu_count']} CPUs", f"- flipnet from `{r.get('flipnet_path')}`, commit {r['git_commit']}"]
+               f"Python {r['python']}, {r['cpu_count']} CPUs",
+               f"- flipnet from `{r.get('flipnet_path')}`, commit {r['git_commit']}, source digest {r['source_digest']}"]
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         free, total = torch.cuda.mem_get_info(dev)
@@ -325,6 +327,19 @@ def sec_environment(ctx: Ctx) -> None:
     ctx.md += _table(["precision", "TFLOP/s"], [[k, v / 1e12] for k, v in rates.items()])
     if dev.type != "cuda":
         ctx.md += ["", "(TF32 exists on CUDA only; the CPU row repeats fp32.)"]
+
+
+def _source_digest() -> str:
+    """sha256 (first 16 hex digits) of every ``.py``/``.c``/``.yaml`` file under src/, benchmarks/ and tests/."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for top in ("src", "benchmarks", "tests"):
+        for f in sorted((REPO / top).rglob("*")):
+            if f.suffix in (".py", ".c", ".yaml") and f.is_file() and "__pycache__" not in f.parts:
+                h.update(str(f.relative_to(REPO)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 # ============================================================================ 2 tests
@@ -559,6 +574,7 @@ def sec_agreement(ctx: Ctx) -> None:
 
         # -- the CPU run, in a thread, compared with the plain GPU run at the same steps
         rows: list[dict[str, Any]] = []
+        r["gpu_vs_cpu"] = rows  # filled by the CPU thread; rows are appended whole
         failure: list[BaseException] = []
         stop = threading.Event()
 
@@ -616,11 +632,14 @@ def sec_agreement(ctx: Ctx) -> None:
             except Exception as e:  # noqa: BLE001 - one mode failing must not hide the others
                 entry["verdict"] = "error"
                 entry["error"] = f"{type(e).__name__}: {e}"[:1000]
+                ctx.update()
                 continue
-            entry.update({"seconds": time.monotonic() - t0, "losses": losses, "identical_fraction": fractions,
+            entry.update({"verdict": "pending (judged after the CPU run)", "seconds": time.monotonic() - t0,
+                          "losses": losses, "identical_fraction": fractions,
                           "first_step_loss_rel_diff": _rel(losses[0], ref_loss[0]),
                           "final_identical_fraction": fractions[n_steps],
                           "final_loss_gap": abs(_tail_mean(losses) - _tail_mean(ref_loss))})
+            ctx.update()
         worker.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
         stop.set()
         worker.join(timeout=30.0)
