@@ -178,10 +178,20 @@ def test_explicit_settings() -> None:
 )
 def test_auto_on_cpu_follows_the_hardware(monkeypatch, flags, binary_model, expected) -> None:
     monkeypatch.setattr(fast, "cpu_features", lambda: frozenset(flags))
-    model = create_model("binary_mlp", num_classes=3, in_channels=1, input_size=4, mode="bnn" if binary_model else "float")
+    kind = dict(filters=64) if binary_model else dict(filters=64, mode="float")
+    model = create_model("binarynet", num_classes=10, in_channels=3, dense_units=16, **kind)
     p = select_precision("cpu", "auto", model)
     assert p.name == expected and p.reason.startswith("auto")
     assert p.int8 == (expected == "int8")
+
+
+def test_auto_keeps_narrow_models_on_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(fast, "cpu_features", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
+    narrow = create_model("binarynet", num_classes=10, in_channels=3, filters=32, dense_units=256)  # convs <= 128
+    assert select_precision("cpu", "auto", narrow).name == "bf16"
+    assert select_precision("cpu", "auto", None).name == "bf16"
+    mlp = create_model("binary_mlp", num_classes=3, in_channels=1, input_size=4)  # dense only: bf16
+    assert select_precision("cpu", "auto", mlp).name == "bf16"
 
 
 def test_apply_switches_every_binary_layer() -> None:
