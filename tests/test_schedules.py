@@ -241,3 +241,9 @@ def test_per_group_schedules_start_from_each_groups_own_value():
     opt2 = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}])
     scheduler_from_dict(opt2, {"key": "lr", "type": "cosine"}, epochs=2, steps_per_epoch=1)
     assert [g["lr"] for g in opt2.param_groups] == [0.1, 0.01]
+
+
+def test_suggestions_list_only_keys_the_route_reads():
+    _, opt = routed()
+    with pytest.raises(ValueError, match=r"groups of route 'binary' have no key 'gama'; did you mean 'gamma'\? their keys: gamma, threshold$"):
+        HyperparamScheduler(opt, "gama", Constant(1.0), route="binary")

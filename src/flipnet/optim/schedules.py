@@ -291,6 +291,14 @@ class HyperparamScheduler:
 
 def _select_groups(optimizer: Optimizer, key: str, route: str | None) -> list[dict[str, Any]]:
     groups = optimizer.param_groups
+    # A RoutedOptimizer gives groups without an "lr" (flip optimizers) a placeholder lr = 0.0
+    # that nothing reads: such a key is neither scheduled nor offered in a suggestion.
+    owners = {id(g): opt for opt in (getattr(optimizer, "optimizers", None) or {}).values() for g in opt.param_groups}
+
+    def real_keys(g: dict[str, Any]) -> list[str]:
+        owner = owners.get(id(g))
+        return sorted(k for k in g if k not in ("params", "route") and (owner is None or k in owner.defaults))
+
     if route is not None:
         routes = sorted({str(g.get("route")) for g in groups if "route" in g})
         groups = [g for g in groups if g.get("route") == route]
@@ -298,18 +306,15 @@ def _select_groups(optimizer: Optimizer, key: str, route: str | None) -> list[di
             raise ValueError(f"no parameter group on route {route!r}; routes present: {routes or 'none'}")
         missing = [i for i, g in enumerate(groups) if key not in g]
         if missing:
-            keys = sorted(k for k in groups[missing[0]] if k != "params")
+            keys = real_keys(groups[missing[0]])
             raise ValueError(f"groups of route {route!r} have no key {key!r}; {did_you_mean(key, keys, cutoff=0.75)}their keys: {', '.join(keys)}")
         return groups
     selected = [g for g in groups if key in g]
-    # A RoutedOptimizer gives groups without an "lr" (flip optimizers) a placeholder lr = 0.0
-    # that nothing reads; without a route, such a group must neither be scheduled nor be the
-    # one whose value a schedule starts from (it would start, and keep, the real lr at 0).
-    owners = {id(g): opt for opt in (getattr(optimizer, "optimizers", None) or {}).values() for g in opt.param_groups}
+    # Without a route, a placeholder-lr group must neither be scheduled nor start a schedule.
     used = [g for g in selected if id(g) not in owners or key in owners[id(g)].defaults]
     selected = used or selected
     if not selected:
-        keys = sorted({k for g in groups for k in g if k != "params"})
+        keys = sorted({k for g in groups for k in real_keys(g)})
         raise ValueError(f"no parameter group has key {key!r}; {did_you_mean(key, keys, cutoff=0.75)}keys present: {', '.join(keys)}")
     return selected
 
