@@ -220,3 +220,13 @@ def test_svhn_protocol():
     for name in SVHN_RECIPES:
         c = load_config(name)
         assert c.data.name == "svhn" and c.train.epochs == 300 and c.data.augment is False
+
+
+def test_binarynet_batchnorm_has_the_keras_statistics_the_headers_state():
+    from flipnet.models import create_model
+
+    model = create_model("binarynet", num_classes=10, in_channels=3, input_size=32, filters=4, dense_units=8)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all((m.momentum, m.eps) == (0.01, 1e-3) for m in bns)
+    text = recipe_path("bop_cifar10").read_text(encoding="utf-8")
+    assert "momentum 0.99 = PyTorch 0.01, epsilon 1e-3" in text
