@@ -389,7 +389,7 @@ def sec_tests(ctx: Ctx) -> None:
     import importlib.util
 
     if importlib.util.find_spec("pytest_timeout") is not None:  # one hanging test must not eat the section
-        cmd[3:3] = ["--timeout", str(int(max(30, min(180, ctx.left() / 3))))]
+        cmd[3:3] = ["--timeout", str(int(max(60, min(180, ctx.left() / 2))))]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONUNBUFFERED", "1")
