@@ -95,3 +95,24 @@ def test_qonnx_cleanup_keeps_the_logits_and_types_quant_outputs_bipolar() -> Non
     quant_outputs = [n.output[0] for n in w.graph.node if n.op_type == "BipolarQuant"]
     assert len(quant_outputs) == 36  # 18 binary convolutions: weights and inputs
     assert {str(w.get_tensor_datatype(t)) for t in quant_outputs} == {"BIPOLAR"}
+
+
+def test_integer_input_quant_is_exact_for_8bit_images() -> None:
+    from flipnet.compress.onnx import IMAGE_INPUT_QUANT
+
+    model, shape = trained("binarynet")
+    x, _ = digits("test", MODELS["binarynet"][2])  # 8-bit pixels u as u/127.5 - 1, as the loaders feed them
+    x = x[:BATCH]
+    proto = export_onnx(model, None, input_shape=shape, format="qonnx", batch_size=BATCH, input_quant=IMAGE_INPUT_QUANT)
+    first = proto.graph.node[0]
+    assert first.op_type == "Quant" and first.domain == QONNX_DOMAIN and first.input[0] == "input"
+    wrapper = ModelWrapper(proto)
+    ints = execute_onnx(wrapper, {"input": x.numpy()}, return_full_exec_context=True)[first.output[0]] * 255
+    k = np.round(ints)
+    assert np.abs(ints - k).max() < 1e-4 and np.all(k % 2 == 1)  # the odd integers 2u - 255
+    assert k.min() >= -255 and k.max() <= 255
+    np.testing.assert_allclose(run_qonnx(proto, x), logits(model, x).numpy(), atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="input_quant needs format='qonnx'"):
+        export_onnx(model, None, input_shape=shape, input_quant=IMAGE_INPUT_QUANT)
+    with pytest.raises(ValueError, match="input_quant must be"):
+        export_onnx(model, None, input_shape=shape, format="qonnx", input_quant=(0.0, 8))

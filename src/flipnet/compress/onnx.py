@@ -75,6 +75,7 @@ __all__ = [
     "ONNX_FORMATS",
     "DEFAULT_OPSET",
     "QONNX_DOMAIN",
+    "IMAGE_INPUT_QUANT",
     "export_onnx",
     "export_run_onnx",
     "default_onnx_path",
@@ -89,6 +90,9 @@ DEFAULT_OPSET = 19
 MIN_OPSET = 13
 #: Domain of QONNX's custom operators (``BipolarQuant``, ``Quant``).
 QONNX_DOMAIN = "qonnx.custom_op.general"
+#: ``input_quant`` for flipnet's image inputs: the loaders feed ``x = u/127.5 - 1`` for 8-bit
+#: pixels ``u``, which is ``(2u - 255)/255``, a signed 9-bit integer times 1/255.
+IMAGE_INPUT_QUANT: tuple[float, int] = (1.0 / 255.0, 9)
 
 _SIGN_ALIASES = {"ste_sign", "approx_sign", "swish_sign"}
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -731,6 +735,7 @@ def export_onnx(
     batch_size: int | None = None,
     metadata: dict[str, Any] | None = None,
     weight_storage: str = "float",
+    input_quant: tuple[float, int] | None = None,
 ) -> Any:
     """Write ``model`` (its eval-mode forward pass) as an ONNX or QONNX graph.
 
@@ -752,6 +757,10 @@ def export_onnx(
             initializers; ``"bits"`` stores them packed 8 per byte (like the safetensors export)
             and unpacks them with ``BitShift``/``Mod``/``Cast`` nodes that ONNX Runtime folds into
             constants when the session is created (a ~32× smaller file, the same outputs).
+        input_quant: ``"qonnx"`` only: ``(scale, bits)`` puts a QONNX ``Quant`` node (signed,
+            narrow range, zero point 0, round to nearest) on the input, so that FINN sees an
+            integer input: :data:`IMAGE_INPUT_QUANT` is exact for flipnet's 8-bit image data.
+            Inputs off that grid are rounded to it. Default ``None``: the input stays float.
 
     Returns:
         The ``onnx.ModelProto`` (checked with ``onnx.checker`` for ``"onnx"``).
@@ -777,6 +786,15 @@ def export_onnx(
         batch_size = 1
     if weight_storage not in ("float", "bits") or (weight_storage == "bits" and format != "onnx"):
         raise ValueError(f"weight_storage must be 'float' or 'bits' ('bits' for format='onnx' only), got {weight_storage!r}")
+    if input_quant is not None:
+        if format != "qonnx":
+            raise ValueError("input_quant needs format='qonnx' (ONNX has no integer Quant node of this kind)")
+        try:
+            q_scale, q_bits = float(input_quant[0]), input_quant[1]
+        except (TypeError, IndexError, ValueError):
+            raise ValueError(f"input_quant must be (scale, bits), got {input_quant!r}") from None
+        if not (q_scale > 0 and math.isfinite(q_scale)) or isinstance(q_bits, bool) or not isinstance(q_bits, int) or not 2 <= q_bits <= 32:
+            raise ValueError(f"input_quant must be (scale > 0, bits in 2..32), got {input_quant!r}")
     g = OnnxGraph(fmt=format, opset=opset, fold_batchnorm=bool(fold_batchnorm), batch=batch_size, weight_storage=weight_storage)
     was_training = model.training
     model.eval()
@@ -789,6 +807,11 @@ def export_onnx(
                 raise ValueError(f"the model does not accept inputs of shape (N, {', '.join(map(str, shape))}): {err}") from None
             inp = Value("input", x)
             g._names.add("input")
+            if input_quant is not None:
+                lim = 2 ** (q_bits - 1) - 1
+                ex = torch.round(x / q_scale).clamp(-lim, lim) * q_scale
+                ins = [inp.name, g.const("input_scale", q_scale), g.const("zero", 0.0), g.const("input_bits", float(q_bits))]
+                inp = g.node("Quant", ins, "input_q", ex, domain=QONNX_DOMAIN, signed=1, narrow=1, rounding_mode="ROUND")
             out = emit(g, model, inp, "")
             if tuple(out.example.shape) != tuple(ref.shape):
                 raise ValueError(f"internal error: exported graph gives shape {tuple(out.example.shape)}, model {tuple(ref.shape)}")
@@ -813,7 +836,8 @@ def export_onnx(
 
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="flipnet", producer_version=str(__version__))
     proto.ir_version = min(proto.ir_version, _max_ir_version(opset))
-    doc = {"format": format, "opset": opset, "input_shape": list(shape), "folds": g.folds, **(metadata or {})}
+    doc = {"format": format, "opset": opset, "input_shape": list(shape), "folds": g.folds,
+           "input_quant": None if input_quant is None else [q_scale, q_bits], **(metadata or {})}
     helper.set_model_props(proto, {"flipnet": json.dumps(doc)})
     if format == "onnx":
         onnx.checker.check_model(proto, full_check=True)
@@ -853,9 +877,12 @@ def export_run_onnx(
     metadata: dict[str, Any] | None = None,
     verify: bool = True,
     opset: int = DEFAULT_OPSET,
+    input_quant: bool = True,
 ) -> int:
     """What ``flipnet export RUN --format onnx|qonnx`` does with a loaded run: write the graph,
     run it on 8 random inputs (ONNX Runtime, or QONNX's executor) and compare the logits.
+    QONNX files get the integer input ``Quant`` of :data:`IMAGE_INPUT_QUANT` unless
+    ``input_quant=False`` (every flipnet data set feeds 8-bit images scaled to ``u/127.5 - 1``).
 
     Prints one line per step; returns the exit status (1 when the graph does not reproduce the
     model). Raises :class:`~flipnet.errors.ConfigError` when the model records no input shape or
@@ -873,18 +900,22 @@ def export_run_onnx(
         raise ConfigError("ONNX export needs the onnx package: pip install onnx onnxruntime (or flipnet[onnx])") from None
     path = Path(out) if out is not None else default_onnx_path(run, format)
     try:
-        proto = export_onnx(model, path, input_shape=tuple(shape), format=format, opset=opset, metadata=metadata)
+        quant = IMAGE_INPUT_QUANT if (format == "qonnx" and input_quant) else None
+        proto = export_onnx(model, path, input_shape=tuple(shape), format=format, opset=opset, metadata=metadata,
+                            input_quant=quant)
     except ValueError as err:
         raise ExportFormatError(str(err)) from None
     n_quant = sum(n.op_type == "BipolarQuant" for n in proto.graph.node)
     folds = json.loads({p.key: p.value for p in proto.metadata_props}["flipnet"])["folds"]
-    what = f"{len(folds)} BatchNorm layers folded into thresholds" if format == "onnx" else f"{n_quant} BipolarQuant nodes"
+    what = (f"{len(folds)} BatchNorm layers folded into thresholds" if format == "onnx"
+            else f"{n_quant} BipolarQuant nodes" + ("; input Quant INT9, scale 1/255 (8-bit images)" if quant else ""))
     print(f"wrote {path}: {path.stat().st_size:,} bytes, {format} (opset {opset}, {len(proto.graph.node)} nodes; {what})")
     if not verify:
         return 0
     g = torch.Generator().manual_seed(0)
     batch = 8 if format == "onnx" else 1
-    x = torch.rand((batch, *shape), generator=g) * 2 - 1
+    # inputs as the data loaders make them: 8-bit pixels u as u/127.5 - 1
+    x = torch.randint(0, 256, (batch, *shape), generator=g).float() / 127.5 - 1
     with torch.no_grad():
         ref = model.eval()(x).numpy()
     if format == "onnx":
