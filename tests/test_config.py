@@ -377,3 +377,14 @@ def test_distillation_keys_are_trajectory_keys() -> None:
     base = load_config("digits_bop")
     other = load_config("digits_bop", ["train.distill.temperature=2.0", "train.distill.weight=0.5"])
     assert trajectory_changes(base, other) == ["train.distill.temperature", "train.distill.weight"]
+
+
+def test_augment_names_in_a_file_may_be_one_string(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {augment: crop}\n")
+    assert load_config(path).data.augment == ["crop"]
+    path.write_text("data: {augment: 'crop, flip'}\n")
+    assert load_config(path).data.augment == ["crop", "flip"]
+    path.write_text("data: {augment: rotate}\n")
+    with pytest.raises(ConfigError, match=r"data.augment\[0\] must be crop or flip, got 'rotate'"):
+        load_config(path)

@@ -418,6 +418,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
                 f"{where} needs at least 'key' (the hyper-parameter, e.g. gamma) and 'type' "
                 "(constant, step, linear, cosine, exponential)"
             )
+    if cls is DataConfig and isinstance(raw.get("augment"), str):
+        raw["augment"] = [a.strip() for a in raw["augment"].split(",") if a.strip()]  # "crop" or "crop,flip"
     if cls is TrainConfig and "amp" in raw:
         raw["precision"] = _precision_from_amp(raw.pop("amp"), raw.get("precision"), where)
     kwargs: dict[str, Any] = {}
