@@ -38,6 +38,33 @@ Hyperparameter = Union[float, Tensor]
 
 #: Largest float32 sum of ±1 values that is exact whatever the order of additions.
 _EXACT_SUM = 2**24
+#: Elements per slice of a large CPU tensor (1 MiB in float32; a multiple of every SIMD width,
+#: so the kernels split a slice exactly as they split the whole tensor).
+_CPU_SLICE = 2**18
+
+
+def _flat(t: Tensor) -> Tensor | None:
+    """``t`` as a 1-D view in memory order (contiguous or channels-last), else None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).view(-1)
+    return None
+
+
+def _slices(p: Tensor, g: Tensor, state: Mapping[str, Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]] | None:
+    """1-D views of a large CPU parameter, its gradient and its per-element state, when they
+    share one dense layout (so that slices of them hold the same elements); else None."""
+    if p.device.type != "cpu" or p.numel() <= _CPU_SLICE:
+        return None
+    same = [g] + [v for v in state.values() if isinstance(v, Tensor) and v.shape == p.shape]
+    if any(t.stride() != p.stride() or t.device != p.device for t in same):
+        return None
+    flats = [_flat(t) for t in [p, *same]]
+    if any(f is None for f in flats):
+        return None
+    keys = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape == p.shape]
+    return flats[0], flats[1], dict(zip(keys, flats[2:]))
 
 
 @dataclass(frozen=True)
@@ -111,7 +138,8 @@ class FlipOptimizer(Optimizer):
     ``score > threshold``). The base class negates the flipped weights and counts them.
 
     Memory: the state of the subclass plus one scratch buffer per (device, dtype) of the
-    largest parameter's size.
+    largest parameter's size (on CPU at most 2**18 elements: large tensors are stepped in
+    slices, which gives the same numbers).
 
     Flip statistics
     ---------------
@@ -206,15 +234,16 @@ class FlipOptimizer(Optimizer):
     def _scratch(self, p: Tensor) -> Tensor:
         """A scratch view shaped (and strided) like ``p``, of ``p``'s dtype.
 
-        One flat buffer per (device, dtype), as large as the largest parameter, is reused by
-        every tensor and every step: a fresh allocation per step costs more than the arithmetic
+        One flat buffer per (device, dtype), as large as the largest parameter (on CPU: as large
+        as a slice, see :meth:`step`), is reused by every tensor and every step: a fresh allocation per step costs more than the arithmetic
         on CPU (page faults) and would break CUDA-graph capture.
         """
         key = (p.device, p.dtype)
         buf = self._scratch_buffers.get(key)
         n = p.numel()
         if buf is None or buf.numel() < n:
-            size = max(n, max((q.numel() for g in self.param_groups for q in g["params"]
+            cap = _CPU_SLICE if p.device.type == "cpu" else math.inf  # CPU: large tensors go in slices
+            size = max(n, max((min(q.numel(), cap) for g in self.param_groups for q in g["params"]
                                if q.device == p.device and q.dtype == p.dtype), default=n))
             buf = self._scratch_buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
         if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
@@ -239,6 +268,20 @@ class FlipOptimizer(Optimizer):
         else:
             total = torch.stack([c.sum() for c in flat.split(_EXACT_SUM)]).double().sum()
         return (n - total).mul_(0.5).to(torch.int64)
+
+    def _flip(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], tau: Tensor, owner: Tensor) -> None:
+        """Apply the flip rule to ``p`` (a parameter or a slice of ``owner``) and count the flips."""
+        buf = self._scratch(p)
+        score = self._score(group, p, state, buf)
+        torch.addcmul(tau, p, score, value=-1, out=buf)  # r = τ − w·s
+        torch.nan_to_num(buf, nan=1.0, out=buf)  # NaN: no flip (±inf keep their sign)
+        torch.copysign(p, buf, out=buf)  # |w| = 1 with the sign of r: +1 keep, −1 flip
+        if self.count_flips:
+            counter = self._flip_counts.get(owner)
+            if counter is None:
+                counter = self._flip_counts[owner] = torch.zeros((), dtype=torch.int64, device=p.device)
+            counter.add_(self._count_negatives(buf, p))
+        p.mul_(buf)  # w ∈ {−1, +1} times ±1 stays in {−1, +1}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -277,28 +320,34 @@ class FlipOptimizer(Optimizer):
                 states.append(state)
             if not params:
                 continue
-            self._update_moments(group, params, grads, states)
             threshold = self._threshold(group)
             # +0.0 turns a threshold of −0.0 into +0.0, so that a tie gives r = +0 (no flip).
             taus: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-            for p, state in zip(params, states):
-                tau = taus.get((p.device, p.dtype))
-                if tau is None:
-                    tau = taus[(p.device, p.dtype)] = (
+            for p in params:
+                if (p.device, p.dtype) not in taus:
+                    taus[(p.device, p.dtype)] = (
                         threshold + 0.0 if isinstance(threshold, Tensor)
                         else torch.full((), float(threshold) + 0.0, dtype=p.dtype, device=p.device)
                     )
-                buf = self._scratch(p)
-                score = self._score(group, p, state, buf)
-                torch.addcmul(tau, p, score, value=-1, out=buf)  # r = τ − w·s
-                torch.nan_to_num(buf, nan=1.0, out=buf)  # NaN: no flip (±inf keep their sign)
-                torch.copysign(p, buf, out=buf)  # |w| = 1 with the sign of r: +1 keep, −1 flip
-                if self.count_flips:
-                    counter = self._flip_counts.get(p)
-                    if counter is None:
-                        counter = self._flip_counts[p] = torch.zeros((), dtype=torch.int64, device=p.device)
-                    counter.add_(self._count_negatives(buf, p))
-                p.mul_(buf)  # w ∈ {−1, +1} times ±1 stays in {−1, +1}
+            sliced = [_slices(p, g, st) for p, g, st in zip(params, grads, states)]
+            whole = [i for i, flat in enumerate(sliced) if flat is None]
+            if whole:
+                self._update_moments(group, [params[i] for i in whole], [grads[i] for i in whole],
+                                     [states[i] for i in whole])
+                for i in whole:
+                    p = params[i]
+                    self._flip(group, p, states[i], taus[(p.device, p.dtype)], p)
+            for p, state, flat in zip(params, states, sliced):
+                if flat is None:
+                    continue
+                pf, gf, sf = flat
+                # Large CPU tensors go slice by slice, moments and flips together, so that the
+                # ten or so passes over a slice hit the caches instead of the memory.
+                for a in range(0, pf.numel(), _CPU_SLICE):
+                    pc, gc = pf[a:a + _CPU_SLICE], gf[a:a + _CPU_SLICE]
+                    sc = {k: (v[a:a + _CPU_SLICE] if k in sf else v) for k, v in {**state, **sf}.items()}
+                    self._update_moments(group, [pc], [gc], [sc])
+                    self._flip(group, pc, sc, taus[(p.device, p.dtype)], p)
         self._num_steps += 1
         return loss
 
