@@ -278,10 +278,6 @@ def _quantizer(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
                      "(supported: ste_sign, approx_sign, swish_sign, ste_heaviside)")
 
 
-def _act_or_quantizer(g: OnnxGraph, q: nn.Module, v: Value, name: str) -> Value:
-    return emit(g, q, v, name)
-
-
 @register_onnx_handler(nn.ReLU)
 def _relu(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
     return g.node("Relu", [v.name], name, F.relu(v.example))
@@ -497,14 +493,17 @@ def _post_scale(g: OnnxGraph, wt: _Weights) -> Tensor | None:
     return wt.scale if (g.fmt == "qonnx" and wt.binary) else wt.channel_scale()
 
 
-def _reference_linear(v: Value, wt: _Weights, g: OnnxGraph) -> Tensor:
-    w = wt.w if not (g.fmt == "qonnx" and wt.binary and wt.magnitude is not None) else wt.w * wt.magnitude.view(-1, 1)  # type: ignore[union-attr]
-    return F.linear(v.example, w)
+def _graph_weight(g: OnnxGraph, wt: _Weights) -> Tensor:
+    """The weight the Conv/Gemm node multiplies with: ±1, or ``a·sign(W)`` where the QONNX
+    ``BipolarQuant`` carries the magnitude ``a``."""
+    if g.fmt == "qonnx" and wt.binary and wt.magnitude is not None:
+        return wt.w * wt.magnitude.reshape((-1,) + (1,) * (wt.w.dim() - 1))
+    return wt.w
 
 
 def _input_of(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
     q = getattr(m, "input_quantizer", None)
-    return v if q is None else _act_or_quantizer(g, q, v, f"{name}.input")
+    return v if q is None else emit(g, q, v, f"{name}.input")
 
 
 def _linear_core(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> tuple[Value, _Weights]:
@@ -514,7 +513,7 @@ def _linear_core(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> tuple[Value
     x = _input_of(g, m, v, name)
     wt = _layer_weights(m, name)
     w_name = _weight_input(g, wt, name)
-    y = g.node("Gemm", [x.name, w_name], name + ".matmul", _reference_linear(x, wt, g), transB=1)
+    y = g.node("Gemm", [x.name, w_name], name + ".matmul", F.linear(x.example, _graph_weight(g, wt)), transB=1)
     return y, wt
 
 
@@ -537,9 +536,7 @@ def _conv_core(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> tuple[Value, 
                 axis = nd - 1 - i
                 conv_pads[axis], conv_pads[nd + axis] = pads[2 * i], pads[2 * i + 1]
     w_name = _weight_input(g, wt, name)
-    w_ref = wt.w
-    if g.fmt == "qonnx" and wt.binary and wt.magnitude is not None:
-        w_ref = wt.w * wt.magnitude.reshape((-1,) + (1,) * (wt.w.dim() - 1))
+    w_ref = _graph_weight(g, wt)
     conv = F.conv1d if nd == 1 else F.conv2d
     ex_in = x.example
     if any(conv_pads):
