@@ -225,3 +225,30 @@ def test_every_optimizer_resumes_identically_from_its_state_dict(name):
     for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", FLIP)
+def test_large_cpu_tensors_stepped_in_slices_give_the_same_numbers(name, monkeypatch):
+    from flipnet.optim import base
+
+    def run(slice_size: int):
+        monkeypatch.setattr(base, "_CPU_SLICE", slice_size)
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(base._CPU_SLICE_DEFAULT + 77,), (64, 64, 9, 9), (33, 5)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        params[1] = torch.nn.Parameter(params[1].detach().contiguous(memory_format=torch.channels_last))
+        info = get_optimizer_info(name)
+        opt = info.cls(params, **{**kwargs_for(name), "gamma": 0.3})
+        for _ in range(4):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) * 4).round().div(4).contiguous(
+                    memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
+            opt.step()
+        return params, opt
+
+    sliced, opt_s = run(base._CPU_SLICE_DEFAULT)
+    whole, opt_w = run(2**40)
+    for a, b in zip(sliced, whole):
+        assert torch.equal(a, b)
+        assert all(torch.equal(opt_s.state[a][k], opt_w.state[b][k]) for k in opt_s.state[a])
+        assert int(opt_s.flip_counts()[a]) == int(opt_w.flip_counts()[b]) > 0

@@ -40,7 +40,7 @@ Hyperparameter = Union[float, Tensor]
 _EXACT_SUM = 2**24
 #: Elements per slice of a large CPU tensor (1 MiB in float32; a multiple of every SIMD width,
 #: so the kernels split a slice exactly as they split the whole tensor).
-_CPU_SLICE = 2**18
+_CPU_SLICE = _CPU_SLICE_DEFAULT = 2**18
 
 
 def _flat(t: Tensor) -> Tensor | None:
