@@ -130,6 +130,49 @@ def bench(name: str, batches: list[int], rounds: int, threads: int, tmp: Path) -
     return rows, sizes
 
 
+def bench_conv_integer(threads: int, rounds: int, c: int = 256, size: int = 15) -> list[dict[str, Any]]:
+    """One 3×3 ``c``→``c`` convolution of ±1 values at ``size``×``size``: float ``Conv`` against
+    the exact integer form ``ConvInteger`` (±1 weights as int8, input as uint8 ``x + 1`` with zero
+    point 1), in ONNX Runtime. Checks that both give the same output."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = np.where(rng.standard_normal((c, c, 3, 3)) >= 0, 1, -1)
+
+    def session(integer: bool) -> Any:
+        if integer:
+            inits = [numpy_helper.from_array(w.astype(np.int8), "w"), numpy_helper.from_array(np.array(1, np.uint8), "zp"),
+                     numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+            nodes = [helper.make_node("Add", ["x", "one"], ["x1"]), helper.make_node("Cast", ["x1"], ["xu"], to=TensorProto.UINT8),
+                     helper.make_node("ConvInteger", ["xu", "w", "zp"], ["y32"], pads=[1, 1, 1, 1]),
+                     helper.make_node("Cast", ["y32"], ["y"], to=TensorProto.FLOAT)]
+        else:
+            inits = [numpy_helper.from_array(w.astype(np.float32), "w")]
+            nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+        graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, size, size])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+        model.ir_version = 9
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    s_float, s_int = session(False), session(True)
+    rows = []
+    for batch in (1, 64):
+        x = np.where(rng.standard_normal((batch, c, size, size)) >= 0, 1, -1).astype(np.float32)
+        same = bool((s_float.run(None, {"x": x})[0] == s_int.run(None, {"x": x})[0]).all())
+        times: dict[str, list[float]] = {"float": [], "int": []}
+        for _ in range(rounds):
+            for k, sess in (("float", s_float), ("int", s_int)):
+                times[k].append(_best(lambda: sess.run(None, {"x": x}), 3 if batch == 1 else 1))
+        rows.append({"batch": batch, "conv_ms": statistics.median(times["float"]) * 1e3,
+                     "conv_integer_ms": statistics.median(times["int"]) * 1e3, "same": same})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
@@ -137,11 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads for PyTorch and ONNX Runtime (default 1)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--conv-integer", action="store_true",
+                   help="only compare float Conv with ConvInteger on one ±1 convolution (256→256, 3×3, 15×15)")
     a = p.parse_args(argv)
     import onnxruntime as ort
 
     torch.set_num_threads(a.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    if a.conv_integer:
+        print("| batch | Conv (float ±1) ms | ConvInteger (int8 ±1) ms | same output |")
+        print("|---:|---:|---:|---|")
+        for r in bench_conv_integer(a.threads, a.rounds):
+            print(f"| {r['batch']} | {r['conv_ms']:.3f} | {r['conv_integer_ms']:.3f} | {r['same']} |")
+        return 0
     rows, sizes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models:
