@@ -153,3 +153,22 @@ def test_cifar10_is_found_in_the_ignored_data_folder_or_reported_absent(tmp_path
     other.mkdir(parents=True)
     (other / "data_batch_1").write_bytes(b"")
     assert kit.find_cifar10(other.parent)[0] == other.parent
+
+
+def test_fast_mode_verdicts() -> None:
+    kit = _kit_module()
+    ref = [2.3, 2.1, 1.9, 1.8, 1.7, 1.6, 1.5, 1.5, 1.4, 1.4]
+    same = {1: 1.0, 10: 1.0}
+    assert kit._verdict(list(ref), ref, same, "fp32", 0.0) == "identical"
+    # the first step within fp32 rounding, the end within tolerance, weights drifting apart: rounding
+    near = [ref[0] * (1 + 5e-5)] + [v + 0.01 for v in ref[1:]]
+    assert kit._verdict(near, ref, {1: 1.0, 10: 0.7}, "fp32", 0.0) == "rounding"
+    # the same first-step difference is too large for fp32 but fine for bf16
+    off = [ref[0] * 1.01] + ref[1:]
+    assert kit._verdict(off, ref, {1: 1.0, 10: 0.9}, "fp32", 0.0) == "mismatch"
+    assert kit._verdict(off, ref, {1: 1.0, 10: 0.9}, "bf16", 0.0) == "rounding"
+    # training that ends elsewhere is a mismatch, unless the GPU-vs-CPU gap says such drift is rounding
+    drift = list(ref[:-1]) + [ref[-1] + 0.5]
+    assert kit._verdict(drift, ref, {1: 1.0, 10: 0.5}, "fp32", 0.0) == "mismatch"
+    assert kit._verdict(drift, ref, {1: 1.0, 10: 0.5}, "fp32", 0.2) == "rounding"
+    assert kit._loss_tolerance(ref, 0.1) == pytest.approx(0.05 + 0.3)
