@@ -114,3 +114,18 @@ def test_scaling_study_compares_the_three_modes(tmp_path: Path) -> None:
     assert (tmp_path / "scaling.png").is_file()
     with pytest.raises(ValueError, match="scales"):
         scaling_study("sun_yao_digits_bwn", scales=["tanh"], out_dir=tmp_path)
+
+
+def test_run_accuracy_selects_on_validation_never_on_test(tmp_path: Path) -> None:
+    import json
+
+    from flipnet.analysis._runs import run_accuracy
+
+    rows = [{"epoch": 1, "test_acc": 0.9, "val_acc": 0.7, "test_acc_at_best": 0.9},
+            {"epoch": 2, "test_acc": 0.6, "val_acc": 0.8, "test_acc_at_best": 0.6},
+            {"epoch": 3, "test_acc": 0.7, "val_acc": 0.5, "test_acc_at_best": 0.6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_accuracy(tmp_path) == (0.7, 0.6)  # the test accuracy at the best validation epoch, not 0.9
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "test_acc_at_best"})
+                                                    + "\n" for r in rows))
+    assert run_accuracy(tmp_path) == (0.7, 0.7)  # without a validation split: the final one

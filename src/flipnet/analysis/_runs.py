@@ -55,10 +55,17 @@ def evaluate_trainer(trainer: Any) -> float:
 
 
 def run_accuracy(run_dir: str | Path) -> tuple[float, float]:
-    """``(final, best)`` test accuracy of a trained run, from its ``metrics.jsonl``."""
+    """``(final, at best validation)`` test accuracy of a trained run, from its ``metrics.jsonl``.
+
+    The second is the test accuracy at the epoch of best validation accuracy (the trainer's
+    ``test_acc_at_best``), never the best test accuracy: results are selected on validation data.
+    Without a validation split it is the final test accuracy.
+    """
     from ..train import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if r.get("test_acc") is not None]
     if not rows:
         raise CheckpointError(f"{run_dir} has no evaluated epoch in its metrics; train it first")
-    return float(rows[-1]["test_acc"]), max(float(r["test_acc"]) for r in rows)
+    final = float(rows[-1]["test_acc"])
+    at_best = rows[-1].get("test_acc_at_best")
+    return final, final if at_best is None else float(at_best)

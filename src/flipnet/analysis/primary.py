@@ -53,7 +53,7 @@ class PrimaryRow:
     variant: str
     epochs: int
     final_test_acc: float
-    best_test_acc: float
+    test_acc_at_best: float
     equal_final_signs: float
     signs_kept: bool | None
 
@@ -181,7 +181,7 @@ def _write(rows: list[PrimaryRow], out: Path, plot: bool) -> None:
         for r in rows:
             d = asdict(r)
             d["signs_kept"] = "" if r.signs_kept is None else str(r.signs_kept).lower()
-            for key in ("final_test_acc", "best_test_acc", "equal_final_signs"):
+            for key in ("final_test_acc", "test_acc_at_best", "equal_final_signs"):
                 d[key] = f"{d[key]:.4f}"
             w.writerow(d)
     if not plot:

@@ -13,7 +13,8 @@ changing only ``model.kwargs.scale`` (see :mod:`flipnet.layers`):
 * ``learnable``: a trained per-channel :math:`\alpha_c` (LQ-Nets style).
 
 Every other setting (seed, data order, schedule) is identical. Results:
-``OUT/scaling.csv`` (final and best test accuracy per scale and seed) and ``OUT/scaling.png``.
+``OUT/scaling.csv`` (final test accuracy and test accuracy at the best-validation epoch, per scale and
+seed) and ``OUT/scaling.png``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ScalingRow:
     seed: int
     epochs: int
     final_test_acc: float
-    best_test_acc: float
+    test_acc_at_best: float
     run_dir: str
 
 
@@ -95,7 +96,7 @@ def _write(rows: list[ScalingRow], out: Path, plot: bool) -> None:
         for r in rows:
             d = asdict(r)
             d["final_test_acc"] = f"{r.final_test_acc:.4f}"
-            d["best_test_acc"] = f"{r.best_test_acc:.4f}"
+            d["test_acc_at_best"] = f"{r.test_acc_at_best:.4f}"
             w.writerow(d)
     if not plot:
         return
