@@ -116,3 +116,12 @@ def test_labels_when_many_keys_differ(tmp_path: Path) -> None:
     # recipe names, and within one name the keys that tell its groups apart (most distinct values first)
     assert [g.label for g in labelled] == ["bop, b=1, gamma=1", "adam", "bop, b=1, gamma=2", "bop, b=3, gamma=1"]
     assert short_keys(["train.epochs", "optim.lr"])["train.epochs"] == "train.epochs"  # not the table's own column
+
+
+def test_a_folder_of_groups_is_every_run_in_it(tmp_path: Path) -> None:
+    _group(tmp_path / "runs" / "a", (0, 1), gamma=1e-4)
+    _group(tmp_path / "runs" / "b", (0, 1), gamma=1e-3)
+    fake_run(tmp_path / "runs" / "c", 4, gamma=1e-2)
+    rows, keys = compare_runs([tmp_path / "runs"])
+    assert [r["run"] for r in rows] == ["gamma=0.0001", "gamma=0.001", "gamma=0.01"]
+    assert [r["n_seeds"] for r in rows] == [2, 2, 1]

@@ -207,27 +207,35 @@ def _is_run(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file()
 
 
+def _run_dirs(path: Path, depth: int) -> list[Path]:
+    """Run folders at ``path`` or below it (at most ``depth`` levels), sorted by name per level."""
+    if _is_run(path):
+        return [path]
+    if depth == 0 or not path.is_dir():
+        return []
+    try:
+        subs = sorted(d for d in path.iterdir() if d.is_dir() and d.name != "plots")
+    except OSError:
+        return []
+    return [r for d in subs for r in _run_dirs(d, depth - 1)]
+
+
 def find_runs(paths: Sequence[str | os.PathLike]) -> list[RunRecord]:
-    """Every run under ``paths``: a run folder is itself, a group folder its member run folders.
+    """Every run under ``paths``: a run folder is itself, a group folder its member run folders,
+    and a folder of run or group folders (e.g. ``runs/``) every run in them.
 
     Raises:
-        CheckpointError: a path is neither (no ``metrics.jsonl`` in it or in its sub-folders).
+        CheckpointError: a path holds no run (no ``metrics.jsonl`` in it or up to two levels below).
     """
     records: list[RunRecord] = []
     for p in paths:
         path = Path(p)
-        if _is_run(path):
-            dirs = [path]
-        else:
-            try:
-                dirs = sorted(d for d in path.iterdir() if d.is_dir() and _is_run(d)) if path.is_dir() else []
-            except OSError:
-                dirs = []
-            if not dirs:
-                raise CheckpointError(
-                    f"{path} has no metrics.jsonl, and no sub-folder has one; give run folders or group folders "
-                    "written by flipnet train"
-                )
+        dirs = _run_dirs(path, 2)
+        if not dirs:
+            raise CheckpointError(
+                f"{path} has no metrics.jsonl, and no sub-folder has one; give run folders or group folders "
+                "written by flipnet train"
+            )
         for d in dirs:
             records.append(RunRecord(d, read_metrics(d), _flatten(_read_yaml(d / "config.yaml")), _read_json(d / "summary.json")))
     return records
