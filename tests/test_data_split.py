@@ -176,3 +176,14 @@ def test_one_sample_per_rank_is_a_clear_error() -> None:
     x = torch.zeros(1, 1, 2, 2, dtype=torch.uint8)
     with pytest.raises(ValueError, match="BatchNorm cannot train on a batch of one"):
         GpuLoader(x, torch.zeros(1, dtype=torch.int64), 4, device="cpu", drop_lone_last=True)
+
+
+def test_host_and_device_loaders_agree_on_lone_samples_and_crop_only() -> None:
+    b = _bundle(41, name="svhn")  # 41 = 5 * 8 + 1; svhn: crop without flip
+    kw = dict(train=True, device="cpu", augment=True, seed=4)
+    gpu = make_loader(b, "train", 8, resident=True, **kw)
+    host = make_loader(b, "train", 8, resident=False, **kw)
+    assert type(gpu).__name__ == "GpuLoader" and type(host).__name__ == "HostLoader"
+    assert len(gpu) == len(host) == 5 and gpu.drops_lone_sample and host.drops_lone_sample
+    for (xg, yg), (xh, yh) in zip(gpu, host):
+        assert torch.equal(xg, xh) and torch.equal(yg, yh)
