@@ -60,7 +60,7 @@ def _per_step(recipe: str, overrides: list[str], steps: int, out: Path) -> None:
     trainer = Trainer(cfg)
     tracker = SignTracker(out_dir=out / "signs")
     tracker.on_train_start(trainer)
-    x, y = next(iter(trainer._loader_for_epoch(0)))
+    x, y = next(iter(trainer.train_loaders[0]))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     t_step, t_track = [], []
     for i in range(steps + 5):
