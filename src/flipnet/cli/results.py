@@ -5,8 +5,9 @@
     flipnet plot RUN_OR_GROUP [...] [--out DIR] [--labels A B ...] [--separate-seeds] [--prefix TEXT] [--acc-min A] [--splits S ...]
     flipnet compare RUN_OR_GROUP [...] [--csv FILE] [--labels A B ...] [--separate-seeds]
 
-A group folder (``flipnet train RECIPE seeds=[0,1,2]``) stands for its member runs; runs that
-differ only in their seed are drawn as one mean ± std band and reported as one table row. Only
+A group folder (``flipnet train RECIPE seeds=[0,1,2]``) stands for its member runs, a folder of
+run or group folders (``runs/``) for every run in it; runs that differ only in their seed are
+drawn as one mean ± std band and reported as one table row. Only
 the standard library and :mod:`flipnet.errors` are imported here; the plotting and table code is
 imported when a command runs.
 """
@@ -32,7 +33,7 @@ def register(subparsers: Any) -> None:
             "multi-seed run folder) are one mean ± std band."
         ),
     )
-    p.add_argument("runs", nargs="+", metavar="RUN_OR_GROUP", help="run folders or multi-seed group folders")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_GROUP", help="run folders, multi-seed group folders, or folders of them")
     p.add_argument("--out", metavar="DIR", help="output folder (default: PATH/plots for one path, ./plots for several)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="one legend label per curve (default: the differing hyperparameters)")
     p.add_argument("--separate-seeds", action="store_true", help="one curve per run instead of mean ± std bands")
@@ -52,7 +53,7 @@ def register(subparsers: Any) -> None:
             "per run and the hyperparameters in which the runs differ."
         ),
     )
-    p.add_argument("runs", nargs="+", metavar="RUN_OR_GROUP", help="run folders or multi-seed group folders")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_GROUP", help="run folders, multi-seed group folders, or folders of them")
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV (plain numbers) to FILE")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="one label per row (default: the differing hyperparameters)")
     p.add_argument("--separate-seeds", action="store_true", help="one row per run instead of one per seed group")
