@@ -12,8 +12,10 @@ import io
 import json
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -22,7 +24,7 @@ from flipnet.errors import CheckpointError
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer
 
-__all__ = ["Callback", "MetricsLogger", "TensorBoardLogger", "ProgressBar", "summarize", "write_summary", "write_group_files"]
+__all__ = ["Callback", "MetricsLogger", "TensorBoardLogger", "ProgressBar", "StopSignals", "summarize", "write_summary", "write_group_files"]
 
 
 class Callback:
@@ -221,6 +223,43 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop at the end of the current step, so the saved
+    state is consistent; a second signal stops at once (``KeyboardInterrupt`` inside the step: the
+    last end-of-epoch checkpoint is kept). Handlers are installed in the main thread only.
+
+    Attributes:
+        requested: a stop was asked for; ``signal``: which signal (``None`` before).
+    """
+
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce
+        self.requested = False
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signal = True, signum
+        if self.announce:
+            print("\nstopping after this step (press Ctrl-C again to stop at once) ...", file=sys.stderr, flush=True)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main interpreter
+                pass
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,9 +27,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +41,11 @@ from flipnet.metrics import FlipRatio
 from flipnet.utils import atomic_write_text, seed_everything
 
 from . import build
-from .callbacks import Callback, MetricsLogger, ProgressBar, TensorBoardLogger
+from .callbacks import Callback, MetricsLogger, ProgressBar, StopSignals, TensorBoardLogger
 from .checkpoint import get_rng_state, save_checkpoint, set_rng_state
 from .config import Config, config_to_dict, dump_config
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed
+from .divergence import first_non_finite, watched_tensors
 from .ensemble import NotVectorizable, SeedEnsemble, SeedOptimizer, ensemble_loss, ensemble_metrics, evaluate_ensemble
 from .fast import make_train_step, prepare_model
 from .report import epoch_line, final_line, finish_files, hyperparameter_values, results, start_line
@@ -254,8 +252,9 @@ class Trainer:
         self.threads, self._threads_reason = build.choose_threads(getattr(t, "threads", None), members[0].model, device)
         torch.set_num_threads(self.threads)
         self.epoch = self.step = self.batch_in_epoch = 0
-        self._active, self._partial, self.stop_signal = 0, None, None
-        self._stop_requested = self._stop_shared = self._in_step = False
+        self._active, self._partial = 0, None
+        self._stop_shared = self._in_step = False
+        self._signals = StopSignals(announce=self.is_main)
         self.ensemble = ensemble
         self._build_step(loss_fn)
         self._build_loaders()
@@ -348,6 +347,11 @@ class Trainer:
     best = property(lambda self: self.member.best, doc="The active member's best validation accuracy.")
 
     @property
+    def stop_signal(self) -> int | None:
+        """The signal that stopped :meth:`fit` (``signal.SIGINT`` or ``signal.SIGTERM``), else ``None``."""
+        return self._signals.signal
+
+    @property
     def group_dir(self) -> Path | None:
         """The folder holding the members' run folders (several members only)."""
         return self._group[0] if self._group is not None else None
@@ -420,37 +424,15 @@ class Trainer:
         return hyperparameter_values(m.optimizer, ((s.route, s.key) for s in m.config.optim.schedules))
 
     # ----------------------------------------------------------------- divergence
-    def _watched(self, m: Member) -> list[tuple[str, Tensor]]:
-        """Tensors whose finiteness is checked: weights, BatchNorm statistics, optimizer state (the
-        running averages of the gradients: a NaN gradient stays visible there)."""
-        out = [(f"weight {n}", p) for n, p in m.model.named_parameters()]
-        out += [(f"BatchNorm statistic {n}", b) for n, b in m.model.named_buffers() if b.is_floating_point()]
-        names = {id(p): n for n, p in m.model.named_parameters()}
-        for opt in getattr(m.optimizer, "optimizers", {"": m.optimizer}).values():
-            for p, st in getattr(opt, "state", {}).items():
-                for k, v in (st.items() if isinstance(st, dict) else ()):
-                    if isinstance(v, Tensor) and v.is_floating_point() and v.numel() > 1:
-                        out.append((f"gradient statistic {k} of {names.get(id(p), '?')}", v))
-        return out
-
     def _check(self, sums: Tensor, where: str) -> bool:
         """Raise :class:`TrainingDiverged` when a member's loss, weights, BatchNorm statistics or
-        optimizer state hold NaN/inf (one host sync); also shares a stop request between DDP ranks."""
-        watched = [self._watched(m) for m in self.members]
-        flags = [~torch.isfinite(sums[:, 0])]
-        flags += [torch.stack([~torch.isfinite(t).all() for _, t in w]) for w in watched if w]
-        flags.append(torch.tensor([bool(self._stop_requested)], device=self.device))
-        bad = all_reduce_sum(torch.cat([f.reshape(-1).to(self.device, torch.float32) for f in flags])).tolist()
-        stop, bad = bad[-1] > 0, bad[:-1]
-        s = len(self.members)
-        for i, m in enumerate(self.members):
-            what = "the training loss" if bad[i] > 0 else None
-            if what is None:
-                offset = s + sum(len(w) for w in watched[:i])
-                hit = [n for (n, _), v in zip(watched[i], bad[offset:offset + len(watched[i])]) if v > 0]
-                what = hit[0] if hit else None
+        gradient averages hold NaN/inf (:mod:`flipnet.train.divergence`; one host sync). Returns
+        whether some DDP rank asked to stop."""
+        watched = [watched_tensors(m.model, m.optimizer) for m in self.members]
+        found, stop = first_non_finite(sums[:, 0], watched, self._signals.requested, self.device)
+        for m, what in zip(self.members, found):
             if what is not None:
-                run = f"run {m.label}: " if s > 1 else ""
+                run = f"run {m.label}: " if len(self.members) > 1 else ""
                 raise TrainingDiverged(
                     f"{run}{what} became NaN/inf {where}; stopped. The last good checkpoint "
                     f"({m.run_dir / 'checkpoints' / 'last.pt'}, epoch {self.epoch}) was kept. "
@@ -479,7 +461,7 @@ class Trainer:
         where = self.group_dir or self.run_dir
         if self.epoch >= t.epochs:
             self._print(f"{where}: already trained for {self.epoch} epochs (train.epochs={t.epochs}); nothing to do")
-        previous = self._install_signal_handlers()
+        self._signals.install()
         if getattr(self, "_note", None):
             self._print(self._note)
         if self.epoch < t.epochs:
@@ -488,7 +470,7 @@ class Trainer:
         try:
             while self.epoch < t.epochs:
                 self._train_epoch()
-                if self._stop_shared if self.dist.enabled else self._stop_requested:
+                if self._stop_shared if self.dist.enabled else self._signals.requested:
                     raise _StopRequested
             ended = True
             if self.epoch > first_epoch:
@@ -497,8 +479,7 @@ class Trainer:
             self._interrupted()
             raise KeyboardInterrupt from None
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self._signals.restore()
             self.bar.close()
             for cb in self.callbacks:
                 cb.on_train_end(self)
@@ -527,27 +508,6 @@ class Trainer:
         else:
             self._print(f"interrupted inside a step; kept the last checkpoint (end of epoch {self.epoch}). "
                         f"Continue with: flipnet train --resume {resume}")
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """Ctrl-C and SIGTERM stop at the end of the current step, so the saved state is consistent;
-        a second signal stops at once (the last end-of-epoch checkpoint is kept). Main thread only."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested, self.stop_signal = True, signum
-            if self.is_main:
-                print("\nstopping after this step (press Ctrl-C again to stop at once) ...", file=sys.stderr, flush=True)
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main interpreter
-                pass
-        return previous
 
     def _batches(self) -> Iterable[tuple[Tensor, Tensor]]:
         if len(self.train_loaders) == 1:
@@ -597,7 +557,7 @@ class Trainer:
                     raise _StopRequested
                 self.bar.postfix(float(sums[0, 0]) / max(n_samples, 1))
             self.bar.update()
-            if self._stop_requested and not self.dist.enabled:  # under DDP shared at the next check
+            if self._signals.requested and not self.dist.enabled:  # under DDP shared at the next check
                 raise _StopRequested
         if self._check(sums, f"in epoch {epoch + 1} (by step {self.step})"):
             self._stop_shared = True  # every rank finishes this epoch, then stops
