@@ -1398,6 +1398,9 @@ def _run_section(ctx: Ctx, name: str, cap: float) -> None:
         sec["elapsed_s"] = time.monotonic() - sec.pop("_t0")
         _free_memory()
         ctx.report.write()
+        note = (sec.get("error") or sec.get("note") or "").splitlines()
+        print(f"[gpu_check] {name}: {sec['status']} ({sec['elapsed_s']:.1f} s of {cap:.0f} s)"
+              + (f" -- {note[0][:200]}" if note else ""), flush=True)
 
 
 def _free_memory() -> None:
@@ -1424,6 +1427,7 @@ def _watchdog(ctx: Ctx, seconds: float) -> threading.Timer:
             ctx.report.data["kit"]["ended_by_watchdog"] = True
             try:
                 ctx.report.write()
+                print("[gpu_check] budget spent: the watchdog ends the kit\n" + _headline(ctx.report.data), flush=True)
             finally:
                 for p in list(ctx.children):
                     _kill_group(p)
@@ -1433,6 +1437,35 @@ def _watchdog(ctx: Ctx, seconds: float) -> threading.Timer:
     t.daemon = True
     t.start()
     return t
+
+
+def _headline(data: dict[str, Any]) -> str:
+    """A few lines with the main figures of each section that has them."""
+    by = {s["name"]: s.get("result") or {} for s in data["sections"]}
+    out = []
+    env = by.get("environment", {})
+    if env.get("matmul_tflops"):
+        gpu = (env.get("gpu") or {}).get("name", "cpu")
+        out.append(f"environment: {gpu}; matmul TFLOP/s " + ", ".join(f"{k} {v:.1f}" for k, v in env["matmul_tflops"].items()))
+    if by.get("tests", {}).get("counts"):
+        out.append("tests: " + ", ".join(f"{v} {k}" for k, v in sorted(by["tests"]["counts"].items())))
+    ag = by.get("agreement", {})
+    if ag.get("gpu_vs_cpu_summary"):
+        sm = ag["gpu_vs_cpu_summary"]
+        out.append(f"agreement: GPU vs CPU identical binary weights {sm.get('final_identical_fraction')} after {sm.get('steps')} steps; "
+                   + ", ".join(f"{m['mode']} {m.get('verdict')}" for m in ag.get("fast_modes", [])))
+    rows = by.get("epoch_time", {}).get("rows") or []
+    if rows:
+        best = max(rows, key=lambda x: x["images_per_s"] / max(1, x["seeds"]))
+        out.append(f"epoch_time: {len(rows)} rows; fastest per seed {best['model']} {best['precision']} {best['mode']} "
+                   f"batch {best['batch']}: {best['images_per_s'] / best['seeds']:,.0f} images/s ({best['epoch_s'] / best['seeds']:.1f} s/epoch)")
+    fr = by.get("fast_run", {})
+    if fr.get("verdict"):
+        out.append(f"fast_run: {fr['verdict']}")
+    pk = by.get("packed_inference", {}).get("whole_network") or []
+    if pk:
+        out.append("packed_inference: float/packed time " + ", ".join(f"batch {x['batch']} {x['speedup_vs_bf16']:.2f}x" for x in pk))
+    return "\n".join(out)
 
 
 def _resolve_device(name: str, smoke: bool) -> str:
@@ -1514,6 +1547,8 @@ def main(argv: list[str] | None = None) -> int:
     report.write()
     statuses = {s["name"]: s["status"] for s in report.data["sections"]}
     print(f"gpu_check: {args.out / 'report.md'}: " + ", ".join(f"{k} {v}" for k, v in statuses.items()), flush=True)
+    if not args.smoke:  # the headline numbers, for a terminal that shows only the output's tail
+        print(_headline(report.data), flush=True)
     return 0 if all(v in ("ok", "skipped") for v in statuses.values()) else 1
 
 

@@ -68,6 +68,8 @@ def test_smoke_mode_runs_every_section(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     for name in SECTIONS:
         assert f"## {name}: ok" in md
+    headline = _kit_module()._headline(report)
+    assert [line.split(":")[0] for line in headline.splitlines()] == SECTIONS
 
     # a second call continues the fast run from its checkpoint
     _, again = _run_kit("--smoke", "--sections", "fast_run", "--out", str(out), "--state-dir", str(state))
