@@ -251,37 +251,38 @@ class FlipOptimizer(Optimizer):
             return buf.as_strided(p.shape, p.stride())
         return buf[:n].view(p.shape)
 
-    def _count_negatives(self, signs: Tensor, p: Tensor) -> Tensor:
-        """Number of −1 entries of ``signs`` (which holds only ±1), as a 0-d ``int64`` on device.
+    def _sign_sums(self, p: Tensor) -> list[Tensor]:
+        """Sums of the ±1 entries of the scratch view of ``p``, each exact, as 0-d tensors.
 
-        ``n − Σ signs = 2·(number of −1)``. In float32 every partial sum of ±1 values is an
-        integer of magnitude at most ``n``, so the sum is exact for ``n ≤ 2**24``; larger
-        tensors are summed in slices of ``2**24`` and the slice sums added in float64. Other
-        dtypes (bf16, fp16) count with a comparison instead.
+        In float32 every partial sum of ±1 values is an integer of magnitude at most ``n``, so a
+        sum is exact for ``n ≤ 2**24``; larger tensors are summed in slices of ``2**24``. Other
+        dtypes (bf16, fp16) give ``n − 2·count(−1)`` from a comparison instead.
         """
         n = p.numel()
-        flat = self._scratch_buffers[(p.device, p.dtype)][:n]  # the same elements as ``signs``
+        flat = self._scratch_buffers[(p.device, p.dtype)][:n]  # the same elements as the view
         if p.dtype not in (torch.float32, torch.float64):
-            return torch.count_nonzero(torch.lt(flat, 0))
-        if n <= _EXACT_SUM:
-            total = flat.sum()
-        else:
-            total = torch.stack([c.sum() for c in flat.split(_EXACT_SUM)]).double().sum()
-        return (n - total).mul_(0.5).to(torch.int64)
+            return [n - 2 * torch.count_nonzero(torch.lt(flat, 0))]
+        return [c.sum() for c in flat.split(_EXACT_SUM)]
 
-    def _flip(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], tau: Tensor, owner: Tensor) -> None:
-        """Apply the flip rule to ``p`` (a parameter or a slice of ``owner``) and count the flips."""
+    def _add_flips(self, owner: Tensor, sums: list[Tensor]) -> None:
+        """Add ``(numel − Σ sums) / 2``, the number of −1 signs, to the flip counter of ``owner``."""
+        counter = self._flip_counts.get(owner)
+        if counter is None:
+            counter = self._flip_counts[owner] = torch.zeros((), dtype=torch.int64, device=owner.device)
+        total = (sums[0] if len(sums) == 1 else torch.stack(sums)).double().sum()
+        counter.add_((owner.numel() - total).mul_(0.5).to(torch.int64))
+
+    def _flip(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], tau: Tensor) -> list[Tensor]:
+        """Apply the flip rule to ``p`` (a parameter or a slice of one); return its sign sums
+        (see :meth:`_sign_sums`; empty when flips are not counted)."""
         buf = self._scratch(p)
         score = self._score(group, p, state, buf)
         torch.addcmul(tau, p, score, value=-1, out=buf)  # r = τ − w·s
         torch.nan_to_num(buf, nan=1.0, out=buf)  # NaN: no flip (±inf keep their sign)
         torch.copysign(p, buf, out=buf)  # |w| = 1 with the sign of r: +1 keep, −1 flip
-        if self.count_flips:
-            counter = self._flip_counts.get(owner)
-            if counter is None:
-                counter = self._flip_counts[owner] = torch.zeros((), dtype=torch.int64, device=p.device)
-            counter.add_(self._count_negatives(buf, p))
+        sums = self._sign_sums(p) if self.count_flips else []
         p.mul_(buf)  # w ∈ {−1, +1} times ±1 stays in {−1, +1}
+        return sums
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -336,18 +337,23 @@ class FlipOptimizer(Optimizer):
                                      [states[i] for i in whole])
                 for i in whole:
                     p = params[i]
-                    self._flip(group, p, states[i], taus[(p.device, p.dtype)], p)
+                    sums = self._flip(group, p, states[i], taus[(p.device, p.dtype)])
+                    if sums:
+                        self._add_flips(p, sums)
             for p, state, flat in zip(params, states, sliced):
                 if flat is None:
                     continue
                 pf, gf, sf = flat
                 # Large CPU tensors go slice by slice, moments and flips together, so that the
                 # ten or so passes over a slice hit the caches instead of the memory.
+                sums: list[Tensor] = []
                 for a in range(0, pf.numel(), _CPU_SLICE):
                     pc, gc = pf[a:a + _CPU_SLICE], gf[a:a + _CPU_SLICE]
                     sc = {k: (v[a:a + _CPU_SLICE] if k in sf else v) for k, v in {**state, **sf}.items()}
                     self._update_moments(group, [pc], [gc], [sc])
-                    self._flip(group, pc, sc, taus[(p.device, p.dtype)], p)
+                    sums += self._flip(group, pc, sc, taus[(p.device, p.dtype)])
+                if sums:
+                    self._add_flips(p, sums)
         self._num_steps += 1
         return loss
 
