@@ -33,7 +33,7 @@ def watched_tensors(model: nn.Module, optimizer: Any) -> list[tuple[str, Tensor]
 
 
 def first_non_finite(losses: Tensor, watched: Sequence[list[tuple[str, Tensor]]], stop: bool,
-                     device: torch.device) -> tuple[list[str | None], bool]:
+                     device: torch.device, collective: bool = True) -> tuple[list[str | None], bool]:
     """One check for S members: what is non-finite first in each (``None``: nothing), and whether
     some DDP rank asked to stop (the request is shared in the same all-reduce).
 
@@ -41,11 +41,13 @@ def first_non_finite(losses: Tensor, watched: Sequence[list[tuple[str, Tensor]]]
         losses: the members' summed training losses, shape ``(S,)``.
         watched: per member, :func:`watched_tensors`.
         stop: this rank's stop request (Ctrl-C, SIGTERM).
+        collective: sum the flags over DDP ranks (every rank must call); ``False``: this rank only.
     """
     flags = [~torch.isfinite(losses.reshape(-1))]
     flags += [torch.stack([~torch.isfinite(t).all() for _, t in w]) for w in watched if w]
     flags.append(torch.tensor([stop], device=device))
-    bad = all_reduce_sum(torch.cat([f.reshape(-1).to(device, torch.float32) for f in flags])).tolist()
+    both = torch.cat([f.reshape(-1).to(device, torch.float32) for f in flags])
+    bad = (all_reduce_sum(both) if collective else both).tolist()
     s, offset, found = len(watched), len(watched), []
     for i, w in enumerate(watched):
         hits = [name for (name, _), v in zip(w, bad[offset:offset + len(w)]) if v > 0]

@@ -424,12 +424,12 @@ class Trainer:
         return hyperparameter_values(m.optimizer, ((s.route, s.key) for s in m.config.optim.schedules))
 
     # ----------------------------------------------------------------- divergence
-    def _check(self, sums: Tensor, where: str) -> bool:
+    def _check(self, sums: Tensor, where: str, collective: bool = True) -> bool:
         """Raise :class:`TrainingDiverged` when a member's loss, weights, BatchNorm statistics or
         gradient averages hold NaN/inf (:mod:`flipnet.train.divergence`; one host sync). Returns
         whether some DDP rank asked to stop."""
         watched = [watched_tensors(m.model, m.optimizer) for m in self.members]
-        found, stop = first_non_finite(sums[:, 0], watched, self._signals.requested, self.device)
+        found, stop = first_non_finite(sums[:, 0], watched, self._signals.requested, self.device, collective)
         for m, what in zip(self.members, found):
             if what is not None:
                 run = f"run {m.label}: " if len(self.members) > 1 else ""
@@ -496,7 +496,9 @@ class Trainer:
         finite = self._partial is None or bool(torch.isfinite(self._partial["sums"]).all())
         if finite and not self._in_step:
             try:
-                self._check(torch.zeros(len(self.members), 2, device=self.device), where)
+                # collective only when every rank stops here together (an agreed stop under DDP)
+                self._check(torch.zeros(len(self.members), 2, device=self.device), where,
+                            collective=not self.dist.enabled or self._stop_shared)
             except TrainingDiverged:
                 finite = False
         resume = self.group_dir or self.run_dir
