@@ -47,6 +47,27 @@ MODELS = {
     "resnet20": ("resnet20", {"mode": "bwn"}, False),
 }
 FLIPNET_MODES = ("fp32", "bf16", "int8")
+#: Profiler op names by part of the step (``--profile``).
+PROFILE_GROUPS = {
+    "convolution backward (grad input + grad weight)": {"aten::convolution_backward"},
+    "forward convolutions (oneDNN, float)": {"aten::mkldnn_convolution", "aten::_convolution"},
+    "forward int8 GEMMs": {"aten::_int_mm"},
+    "dense products (forward float, backward)": {"aten::mm", "aten::addmm", "aten::bmm"},
+    "copies and casts (im2col, dtype, layout)": {"aten::copy_", "aten::_to_copy", "aten::contiguous",
+                                                  "aten::constant_pad_nd", "aten::clone"},
+    "element-wise (sign, STE mask, ...)": {"aten::where", "aten::mul", "aten::abs", "aten::le", "aten::ge",
+                                           "aten::gt", "aten::lt", "aten::fill_", "aten::neg", "aten::add",
+                                           "aten::add_", "aten::sub", "aten::div", "aten::ne", "aten::eq"},
+    "BatchNorm (forward + backward)": {"aten::native_batch_norm", "aten::native_batch_norm_backward",
+                                       "aten::_batch_norm_with_update"},
+    "max-pool (forward + backward)": {"aten::max_pool2d_with_indices", "aten::max_pool2d_with_indices_backward"},
+    "optimizer (Bop, Adam)": {"aten::lerp_", "aten::_foreach_lerp_", "aten::mul_", "aten::_foreach_mul_",
+                              "aten::addcmul_", "aten::_foreach_addcmul_", "aten::sqrt", "aten::_foreach_sqrt",
+                              "aten::addcdiv_", "aten::_foreach_addcdiv_", "aten::count_nonzero", "aten::sum",
+                              "aten::_foreach_add_", "aten::_foreach_div_", "aten::_foreach_sqrt_"},
+    "loss": {"aten::_log_softmax", "aten::nll_loss_forward", "aten::_log_softmax_backward_data",
+             "aten::nll_loss_backward"},
+}
 
 
 # ----------------------------------------------------------------------------- the plain loop
@@ -279,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n### {c.model} batch {c.batch} {c.label}: {total / 2:.2f} s per step ({2 * c.batch / total:.1f} images/s)\n")
             print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25,
                                                                       max_name_column_width=36, max_shapes_column_width=70))
+            shares: dict[str, float] = {}
+            for e in prof.key_averages():
+                cat = next((c for c, names in PROFILE_GROUPS.items() if e.key in names), "other")
+                shares[cat] = shares.get(cat, 0.0) + e.self_cpu_time_total / 1e6
+            print("\n| part of the step | s per step | share |\n|---|---:|---:|")
+            for cat, sec in sorted(shares.items(), key=lambda kv: -kv[1]):
+                print(f"| {cat} | {sec / 2:.3f} | {100 * sec / total:.0f}% |")
         return 0
 
     ratios: dict[int, list[float]] = {id(c): [] for c in configs}

@@ -570,29 +570,24 @@ def _cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_features())
 
 
-def _cpu_has_int8() -> bool:
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_features())
-
-
 def select_precision(device: torch.device | str, setting: str | bool | None, model: nn.Module | None = None) -> Precision:
     """Resolve ``train.precision`` (``fp32``, ``tf32``, ``bf16``, ``int8``, ``auto``) for ``device``.
 
     ``auto`` picks the fastest mode that is exact where it matters:
 
     * CUDA: ``bf16`` where the GPU supports it, else ``fp32``;
-    * CPU with native bf16 and int8 dot products (``avx512_bf16``/``amx_bf16`` and
-      ``avx512_vnni``/``amx_int8``): ``int8`` (exact binary forward, bf16 elsewhere) when
-      ``model`` has a binary-by-binary convolution with at least :data:`INT8_MIN_OUT` output
-      channels, else ``bf16``. Measured on a 2-core Zen 4 (``docs/performance.md``): the int8 product beats
-      bf16 on BinaryNet's 256- and 512-channel layers, while on narrow models (at most 128
-      channels) the int8 conversions and im2col copies cost more than they save (bf16 was 1.2-1.3x
-      faster there);
-    * CPU with bf16 only: ``bf16``; any other CPU: ``fp32`` (bf16 without hardware support is
-      emulated and slower than fp32).
+    * CPU with native bf16 (``avx512_bf16`` or ``amx_bf16``): ``bf16``. ``int8`` (exact binary
+      forward) is not chosen automatically: measured on a 2-core Zen 4 (``docs/performance.md``)
+      it ran at 0.8-1.0x the speed of ``bf16`` (the int8 products are faster, the im2col copies
+      and int8 conversions eat the gain), so it is the setting to pick for an exact forward pass at
+      about bf16 speed;
+    * any other CPU: ``fp32`` (bf16 without hardware support is emulated and slower than fp32).
 
     The older ``train.amp`` values are accepted: ``True`` is ``bf16``, ``False``/``None`` is
-    ``fp32``. ``int8`` on a non-CPU device raises ``ValueError``.
+    ``fp32``. ``int8`` on a non-CPU device raises ``ValueError``. ``model`` is not read by these
+    rules; it is in the signature so that a model-dependent rule needs no change at the callers.
     """
+    del model
     device = torch.device(device)
     if setting is True:
         setting = "bf16"
@@ -617,20 +612,4 @@ def select_precision(device: torch.device | str, setting: str | bool | None, mod
         return Precision("fp32", None, reason=f"auto: {device.type} device")
     if not _cpu_has_bf16():
         return Precision("fp32", None, reason="auto: this CPU has no native bf16 (avx512_bf16/amx_bf16)")
-    if _cpu_has_int8() and model is not None and _has_wide_binary_layers(model):
-        return Precision("int8", torch.bfloat16, int8=True, reason="auto: CPU with bf16 and int8 dot products")
     return Precision("bf16", torch.bfloat16, reason="auto: CPU with native bf16")
-
-
-#: ``auto`` picks ``int8`` on a CPU for models with a binary-by-binary convolution this wide.
-INT8_MIN_OUT = 256
-
-
-def _has_wide_binary_layers(model: nn.Module) -> bool:
-    from flipnet.layers import binary_modules  # noqa: PLC0415
-
-    return any(
-        isinstance(layer, nn.Conv2d | nn.Conv1d) and layer.binary_inputs and layer.has_binary_weight
-        and layer.out_channels >= INT8_MIN_OUT
-        for _, layer in binary_modules(model)
-    )
