@@ -578,9 +578,9 @@ def select_precision(device: torch.device | str, setting: str | bool | None, mod
     * CUDA: ``bf16`` where the GPU supports it, else ``fp32``;
     * CPU with native bf16 (``avx512_bf16`` or ``amx_bf16``): ``bf16``. ``int8`` (exact binary
       forward) is not chosen automatically: measured on a 2-core Zen 4 (``docs/performance.md``)
-      it ran at 0.8-1.0x the speed of ``bf16`` (the int8 products are faster, the im2col copies
-      and int8 conversions eat the gain), so it is the setting to pick for an exact forward pass at
-      about bf16 speed;
+      it ran at 0.8-1.2x the speed of ``bf16``, median 0.97x (the int8 products are faster, the
+      im2col copies and int8 conversions eat the gain), so it is the setting to pick for an exact
+      forward pass at about bf16 speed;
     * any other CPU: ``fp32`` (bf16 without hardware support is emulated and slower than fp32).
 
     The older ``train.amp`` values are accepted: ``True`` is ``bf16``, ``False``/``None`` is
