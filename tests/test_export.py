@@ -540,3 +540,30 @@ def test_the_codec_example_in_docs_deployment_md_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert read_export_metadata(tmp_path / "shuffle.safetensors")["layers"][-1] == {
         "type": "channel_shuffle", "name": "1", "groups": 2, "tensors": {}}
+
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,size",
+    [
+        ("birealnet18", {"small_input": True, "base_width": 4}, 16),
+        ("birealnet18", {"small_input": True, "base_width": 4, "rprelu": True}, 16),  # RSign shifts and RPReLU
+        ("birealnet34", {"base_width": 4, "rprelu": True, "weight_mode": "flip"}, 40),
+    ],
+)
+def test_birealnet_round_trip_gives_the_trained_logits(tmp_path: Path, backend: str, name: str, kwargs: dict,
+                                                       size: int) -> None:
+    from flipnet.models.reactnet import LearnableBias
+
+    torch.manual_seed(9)
+    model = randomize_bn(create_model(name, num_classes=10, in_channels=3, **kwargs))
+    with torch.no_grad():  # trained-looking shifts and slopes (they start at 0 and 0.25)
+        for m in model.modules():
+            if isinstance(m, LearnableBias):
+                m.bias.uniform_(-0.5, 0.5)
+            elif isinstance(m, nn.PReLU):
+                m.weight.uniform_(-0.5, 1.0)
+    loaded, doc = roundtrip(model, tmp_path, torch.rand(2, 3, size, size) * 2 - 1, name)
+    units = sum(len(getattr(model, s)) for s in model.stages)
+    assert doc["version"] == 2 and sum(e["type"] == "residual" for e in doc["layers"]) == units
+    assert sum(isinstance(m, PackedBinaryConv2d) for m in loaded.modules()) == units

@@ -11,9 +11,9 @@ built from a small set of generic modules whatever the architecture.
 
 Built-in entry types: ``binary_conv``, ``binary_linear``, ``real_conv``, ``real_linear``,
 ``batchnorm``, ``threshold`` (made by BatchNorm folding), ``maxpool2d``, ``avgpool2d``,
-``adaptive_avgpool2d``, ``flatten``, ``activation``, ``pad_shortcut``, ``residual``; structural
-codecs: ``sequential``, ``dropped`` (identity, dropout), ``resnet``, ``bireal_block``,
-``basic_block``. See ``docs/deployment.md`` for each entry's fields and for how to add a type.
+``adaptive_avgpool2d``, ``flatten``, ``activation``, ``pad_shortcut``, ``bias_add``, ``prelu``,
+``residual``; structural codecs: ``sequential``, ``dropped`` (identity, dropout), ``resnet``,
+``bireal_block``, ``basic_block``, ``birealnet``, ``bireal_unit``, ``rprelu``. See ``docs/deployment.md`` for each entry's fields and for how to add a type.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from ...errors import ExportFormatError
 from ...functional import conv_nd, explicit_padding
 from ...layers import BinaryConv1d, BinaryConv2d, BinaryLayer, BinaryLinear
 from ...models.common import FloatConv2d, FloatLinear, SequentialModel
+from ...models.bireal import BiRealNet, BiRealUnit
+from ...models.reactnet import LearnableBias, RPReLU
 from ...models.resnet import BasicBlock, BiRealBlock, PadShortcut, ResNet
 from ...quantizers import Quantizer, quantizer_name, sign
 from .. import qbn
@@ -677,6 +679,65 @@ def _encode_resnet(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
     return entries + enc.children(m, p, ("dropout", "fc"))
 
 
+def _encode_bias_add(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
+    # ReActNet's "move": y_c = x_c + b_c
+    _exact(name, m, LearnableBias)
+    e = Entry("bias_add", name, channels=int(m.bias.numel()))
+    e.tensors["bias"] = m.bias.detach().float().reshape(-1).contiguous()
+    return [e]
+
+
+def _decode_bias_add(r: Reader) -> list[nn.Module]:
+    n = r.get("channels", int)
+    if n < 1:
+        raise r.fail("invalid channel count")
+    layer = LearnableBias(n)
+    with torch.no_grad():
+        layer.bias.copy_(r.tensor("bias", torch.float32, (n,)).view(1, n, 1, 1))  # type: ignore[union-attr]
+    return [layer]
+
+
+def _encode_prelu(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
+    _exact(name, m, nn.PReLU)
+    e = Entry("prelu", name, num_parameters=int(m.num_parameters))
+    e.tensors["weight"] = m.weight.detach().float().reshape(-1).contiguous()
+    return [e]
+
+
+def _decode_prelu(r: Reader) -> list[nn.Module]:
+    n = r.get("num_parameters", int)
+    if n < 1:
+        raise r.fail("invalid num_parameters")
+    layer = nn.PReLU(n)
+    with torch.no_grad():
+        layer.weight.copy_(r.tensor("weight", torch.float32, (n,)))  # type: ignore[arg-type]
+    return [layer]
+
+
+def _encode_rprelu(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
+    # y = move_out(prelu(move_in(x)))
+    _exact(name, m, RPReLU)
+    return enc.children(m, f"{name}.", ("move_in", "prelu", "move_out"))
+
+
+def _encode_bireal_unit(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
+    # out = act(bn(conv(move(x))) + shortcut(x))
+    _exact(name, m, BiRealUnit)
+    p = f"{name}."
+    return [residual_entry(f"{p}residual", enc.children(m, p, ("move", "conv", "bn")), enc.children(m, p, ("shortcut",)),
+                           enc.children(m, p, ("act",)))]
+
+
+def _encode_birealnet(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
+    # x = stem(x); x = stages(x); fc(dropout(pool(x).flatten(1)))
+    _exact(name, m, BiRealNet)
+    assert isinstance(m, BiRealNet)
+    p = f"{name}." if name else ""
+    entries = enc.children(m, p, ("stem", *m.stages, "pool"))
+    entries.append(Entry("flatten", f"{p}flatten", start_dim=1, end_dim=-1))
+    return entries + enc.children(m, p, ("dropout", "fc"))
+
+
 # ================================================================= registrations
 for _codec in (
     LayerCodec("binary_conv", (BinaryLayer,), _encode_binary, _decode_binary_conv),
@@ -699,6 +760,11 @@ for _codec in (
     LayerCodec("bireal_block", (BiRealBlock,), _encode_bireal_block),
     LayerCodec("basic_block", (BasicBlock,), _encode_basic_block),
     LayerCodec("resnet", (ResNet,), _encode_resnet, root=True),
+    LayerCodec("bias_add", (LearnableBias,), _encode_bias_add, _decode_bias_add),
+    LayerCodec("prelu", (nn.PReLU,), _encode_prelu, _decode_prelu),
+    LayerCodec("rprelu", (RPReLU,), _encode_rprelu),
+    LayerCodec("bireal_unit", (BiRealUnit,), _encode_bireal_unit),
+    LayerCodec("birealnet", (BiRealNet,), _encode_birealnet, root=True),
 ):
     register_codec(_codec)
 del _codec

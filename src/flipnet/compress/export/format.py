@@ -39,8 +39,8 @@ __all__ = [
 
 EXPORT_FORMAT = "flipnet-export"
 #: Newest version this flipnet reads and writes. Version 1: a flat list of the entry types in
-#: :data:`V1_TYPES`. Version 2 adds structural entries with ``children`` (``residual``) and
-#: ``pad_shortcut``. Files are written with the lowest version that describes them, so flat models
+#: :data:`V1_TYPES`. Version 2 adds structural entries with ``children`` (``residual``),
+#: ``pad_shortcut``, ``bias_add`` and ``prelu``. Files are written with the lowest version that describes them, so flat models
 #: stay version 1 (and readable by older flipnet).
 EXPORT_VERSION = 2
 V1_TYPES = frozenset({"binary_conv", "binary_linear", "real_conv", "real_linear", "batchnorm", "threshold",
