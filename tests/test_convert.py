@@ -250,3 +250,48 @@ def test_relu_before_sign_warns() -> None:
         warnings.simplefilter("error")
         binarize(net, input_quantizer="ste_heaviside")
         binarize(net, input_quantizer=None)  # binary weights only: no sign of the activations
+
+
+def test_a_config_gives_the_same_model_as_keywords() -> None:
+    from flipnet.convert import BinarizeConfig
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    config = BinarizeConfig(scale="learnable", pad_value=1.0, keep="0")
+    assert config.keep == ("0",)
+    a = binarize(net, config)
+    b = binarize(net, scale="learnable", pad_value=1.0, keep="0")
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(a(x), b(x))
+    with pytest.raises(ValueError, match="either in config or as keywords, not both \\(got scale\\)"):
+        binarize(net, config, scale="xnor")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        BinarizeConfig(scale="big")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config must be a BinarizeConfig"):
+        binarize(net, {"scale": "xnor"})  # type: ignore[arg-type]
+
+
+def test_a_registered_handler_converts_a_new_layer_type(monkeypatch) -> None:
+    from flipnet import convert
+    from flipnet.layers import BinaryLinear
+
+    monkeypatch.setattr(convert, "_HANDLERS", dict(convert._HANDLERS))
+
+    class Dense(nn.Linear):  # a subclass: not converted unless registered
+        pass
+
+    net = nn.Sequential(nn.Linear(4, 4), Dense(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="nothing to convert: all 2 convertible layer"):
+        binarize(net)
+
+    @convert.register_binarize_handler(Dense)
+    def dense(old, config, input_quantizer):
+        return BinaryLinear(old.in_features, old.out_features, bias=old.bias is not None,
+                            input_quantizer=input_quantizer, weight_quantizer=config.weight_quantizer)
+
+    out, report = binarize(net, return_report=True)
+    assert report.converted == ["1"] and isinstance(out[1], BinaryLinear)
+    assert torch.equal(out[1].weight, net[1].weight) and torch.equal(out[1].bias, net[1].bias)
+    with pytest.raises(ValueError, match="Dense already has a binarize handler"):
+        convert.register_binarize_handler(Dense)(dense)

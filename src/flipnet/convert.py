@@ -36,8 +36,8 @@ import fnmatch
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Literal, Sequence, overload
+from dataclasses import dataclass, field, fields
+from typing import Callable, Literal, Sequence, TypeVar, overload
 
 import torch
 from torch import nn
@@ -45,16 +45,93 @@ from torch import nn
 from .layers import SCALES, WEIGHT_MODES, BinaryConv1d, BinaryConv2d, BinaryLayer, BinaryLinear
 from .quantizers import QuantizerLike, SteHeaviside, get_quantizer, is_binary_quantizer
 
-__all__ = ["binarize", "ConversionReport", "CONVERTIBLE"]
+__all__ = ["binarize", "BinarizeConfig", "ConversionReport", "register_binarize_handler"]
 
 logger = logging.getLogger(__name__)
 
-#: float layer type → binary layer type that replaces it.
-CONVERTIBLE: dict[type[nn.Module], type[BinaryLayer]] = {
-    nn.Conv2d: BinaryConv2d,
-    nn.Conv1d: BinaryConv1d,
-    nn.Linear: BinaryLinear,
-}
+
+@dataclass(frozen=True)
+class BinarizeConfig:
+    """The options of :func:`binarize`, validated when the config is made (see its arguments).
+
+    ``keep`` may be given as one pattern or a sequence; it is stored as a tuple.
+    """
+
+    input_quantizer: QuantizerLike = "ste_sign"
+    weight_quantizer: QuantizerLike = "ste_sign"
+    weight_mode: Literal["latent", "flip"] = "latent"
+    scale: Literal["none", "xnor", "learnable"] = "none"
+    pad_value: float = 0.0
+    weight_clip: float | None = None
+    keep_first: bool = True
+    keep_last: bool = True
+    keep: Sequence[str] | str = ()
+
+    def __post_init__(self) -> None:
+        patterns = _check_options(self.input_quantizer, self.weight_quantizer, self.weight_mode, self.scale,
+                                  self.pad_value, self.keep)
+        object.__setattr__(self, "keep", tuple(patterns))
+        c = self.weight_clip
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not (c > 0 and math.isfinite(c))):
+            raise ValueError(f"weight_clip must be a positive finite number or None, got {c!r}")
+
+
+#: A conversion handler: ``(float layer, config, input quantizer of this layer) -> binary layer``
+#: with the float layer's hyperparameters; :func:`binarize` then copies weights and biases.
+Handler = Callable[[nn.Module, BinarizeConfig, QuantizerLike], BinaryLayer]
+H = TypeVar("H", bound=Handler)
+_HANDLERS: dict[type[nn.Module], Handler] = {}
+
+
+def register_binarize_handler(float_type: type[nn.Module]) -> Callable[[H], H]:
+    """Decorator: make :func:`binarize` convert modules of exactly ``float_type`` with the handler.
+
+    The handler builds the binary layer (its shape, stride, ... from the float layer, the
+    quantizers and scale from the config, on the float layer's device and dtype, in latent
+    mode); :func:`binarize` copies the weight and bias, sets the scale and the weight mode.
+    Registering a type twice is an error.
+    """
+    def register(fn: H) -> H:
+        if float_type in _HANDLERS:
+            raise ValueError(f"{float_type.__name__} already has a binarize handler ({_HANDLERS[float_type].__name__})")
+        _HANDLERS[float_type] = fn
+        return fn
+
+    return register
+
+
+def _layer_options(old: nn.Module, config: BinarizeConfig, input_quantizer: QuantizerLike) -> dict:
+    # quantizer modules are copied so that converted layers never share state
+    iq = copy.deepcopy(input_quantizer) if isinstance(input_quantizer, nn.Module) else input_quantizer
+    wq = config.weight_quantizer
+    wq = copy.deepcopy(wq) if isinstance(wq, nn.Module) else wq
+    return dict(input_quantizer=iq, weight_quantizer=wq, weight_mode="latent", scale=config.scale,
+                weight_clip=config.weight_clip, device=old.weight.device, dtype=old.weight.dtype)
+
+
+def _binary_conv(cls: type[BinaryLayer]) -> Handler:
+    def handler(old: nn.Module, config: BinarizeConfig, input_quantizer: QuantizerLike) -> BinaryLayer:
+        assert isinstance(old, (nn.Conv1d, nn.Conv2d))
+        options = _layer_options(old, config, input_quantizer)
+        # pad_value keeps padded binary inputs binary: only for binary inputs and zero padding
+        binary_in = is_binary_quantizer(get_quantizer(options["input_quantizer"]))
+        pad_value = config.pad_value if (binary_in and old.padding_mode == "zeros") else 0.0
+        return cls(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
+                   old.groups, old.bias is not None, old.padding_mode, pad_value=pad_value, **options)
+
+    handler.__name__ = f"_binary_{cls.__name__}"
+    return handler
+
+
+register_binarize_handler(nn.Conv1d)(_binary_conv(BinaryConv1d))
+register_binarize_handler(nn.Conv2d)(_binary_conv(BinaryConv2d))
+
+
+@register_binarize_handler(nn.Linear)
+def _binary_linear(old: nn.Module, config: BinarizeConfig, input_quantizer: QuantizerLike) -> BinaryLayer:
+    assert isinstance(old, nn.Linear)
+    return BinaryLinear(old.in_features, old.out_features, bias=old.bias is not None,
+                        **_layer_options(old, config, input_quantizer))
 
 
 @dataclass
@@ -123,48 +200,17 @@ def _kept_by_pattern(name: str, patterns: list[str]) -> str | None:
     return None
 
 
-def _make_binary(
-    old: nn.Module,
-    *,
-    input_quantizer: QuantizerLike,
-    weight_quantizer: QuantizerLike,
-    weight_mode: str,
-    scale: str,
-    pad_value: float,
-    weight_clip: float | None,
-) -> BinaryLayer:
-    cls = CONVERTIBLE[type(old)]
-    # quantizer modules are copied so that converted layers never share state
-    iq = copy.deepcopy(input_quantizer) if isinstance(input_quantizer, nn.Module) else input_quantizer
-    wq = copy.deepcopy(weight_quantizer) if isinstance(weight_quantizer, nn.Module) else weight_quantizer
-    common = dict(
-        input_quantizer=iq,
-        weight_quantizer=wq,
-        weight_mode="latent",  # set after the weights are copied
-        scale=scale,
-        weight_clip=weight_clip,
-        device=old.weight.device,
-        dtype=old.weight.dtype,
-    )
-    if isinstance(old, nn.Linear):
-        new: BinaryLayer = cls(old.in_features, old.out_features, bias=old.bias is not None, **common)
-    else:
-        assert isinstance(old, (nn.Conv1d, nn.Conv2d))
-        binary_in = is_binary_quantizer(get_quantizer(iq))
-        use_pad = pad_value if (binary_in and old.padding_mode == "zeros") else 0.0
-        new = cls(
-            old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
-            old.groups, old.bias is not None, old.padding_mode, pad_value=use_pad, **common,
-        )
+def _make_binary(old: nn.Module, config: BinarizeConfig, input_quantizer: QuantizerLike) -> BinaryLayer:
+    new = _HANDLERS[type(old)](old, config, input_quantizer)
     with torch.no_grad():
         new.weight.copy_(old.weight)
-        if old.bias is not None:
+        if getattr(old, "bias", None) is not None:
             assert new.bias is not None
             new.bias.copy_(old.bias)
             new.bias.requires_grad_(old.bias.requires_grad)
-        if scale == "learnable":
+        if config.scale == "learnable":
             new.reset_scale(old.weight)  # keep the output magnitude of the float layer
-        if weight_mode == "flip":
+        if config.weight_mode == "flip":
             new.set_weight_mode("flip")
         else:
             new.apply_constraint()
@@ -175,7 +221,7 @@ def _make_binary(
 
 @overload
 def binarize(
-    model: nn.Module, *, input_quantizer: QuantizerLike = ..., weight_quantizer: QuantizerLike = ...,
+    model: nn.Module, config: BinarizeConfig | None = ..., *, input_quantizer: QuantizerLike = ..., weight_quantizer: QuantizerLike = ...,
     weight_mode: Literal["latent", "flip"] = ..., scale: Literal["none", "xnor", "learnable"] = ...,
     pad_value: float = ..., weight_clip: float | None = ..., keep_first: bool = ..., keep_last: bool = ...,
     keep: Sequence[str] | str = ..., inplace: bool = ..., return_report: Literal[False] = ...,
@@ -184,7 +230,7 @@ def binarize(
 
 @overload
 def binarize(
-    model: nn.Module, *, input_quantizer: QuantizerLike = ..., weight_quantizer: QuantizerLike = ...,
+    model: nn.Module, config: BinarizeConfig | None = ..., *, input_quantizer: QuantizerLike = ..., weight_quantizer: QuantizerLike = ...,
     weight_mode: Literal["latent", "flip"] = ..., scale: Literal["none", "xnor", "learnable"] = ...,
     pad_value: float = ..., weight_clip: float | None = ..., keep_first: bool = ..., keep_last: bool = ...,
     keep: Sequence[str] | str = ..., inplace: bool = ..., return_report: Literal[True],
@@ -193,6 +239,7 @@ def binarize(
 
 def binarize(
     model: nn.Module,
+    config: BinarizeConfig | None = None,
     *,
     input_quantizer: QuantizerLike = "ste_sign",
     weight_quantizer: QuantizerLike = "ste_sign",
@@ -214,6 +261,8 @@ def binarize(
 
     Args:
         model: the float model. Not modified unless ``inplace=True``.
+        config: the options below as one :class:`BinarizeConfig` (then leave them at their
+            defaults); ``None`` builds it from them.
         input_quantizer: quantizer of the inputs of converted layers (default ``"ste_sign"``);
             the model's first layer, if converted, always keeps real inputs.
         weight_quantizer: quantizer of latent weights (default ``"ste_sign"``).
@@ -253,21 +302,29 @@ def binarize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"binarize needs an nn.Module, got {type(model).__name__}")
-    patterns = _check_options(input_quantizer, weight_quantizer, weight_mode, scale, pad_value, keep)
-    if weight_clip is not None and (
-        isinstance(weight_clip, bool)
-        or not isinstance(weight_clip, (int, float))
-        or not (weight_clip > 0 and math.isfinite(weight_clip))
-    ):
-        raise ValueError(f"weight_clip must be a positive finite number or None, got {weight_clip!r}")
+    options = dict(input_quantizer=input_quantizer, weight_quantizer=weight_quantizer, weight_mode=weight_mode,
+                   scale=scale, pad_value=pad_value, weight_clip=weight_clip, keep_first=keep_first,
+                   keep_last=keep_last, keep=keep)
+    if config is None:
+        config = BinarizeConfig(**options)
+    else:
+        if not isinstance(config, BinarizeConfig):
+            raise TypeError(f"config must be a BinarizeConfig, got {type(config).__name__}")
+        given = [f.name for f in fields(BinarizeConfig) if options[f.name] is not f.default
+                 and options[f.name] != f.default]
+        if given:
+            raise ValueError(f"binarize: pass the options either in config or as keywords, not both (got {', '.join(given)})")
+    patterns = list(config.keep)
 
     candidates = [
         (name, m) for name, m in model.named_modules()
-        if type(m) in CONVERTIBLE and not _inside_binary_layer(model, name)
+        if type(m) in _HANDLERS and not _inside_binary_layer(model, name)
     ]
     if not candidates:
+        kinds = [f"nn.{t.__name__}" if t.__module__.startswith("torch.nn") else t.__qualname__ for t in _HANDLERS]
+        listed = ", ".join(kinds[:-1]) + f" or {kinds[-1]}" if len(kinds) > 1 else kinds[0]
         raise ValueError(
-            f"nothing to convert: {type(model).__name__} has no nn.Conv1d, nn.Conv2d or nn.Linear layer "
+            f"nothing to convert: {type(model).__name__} has no {listed} layer "
             "(subclasses and layers that are already binary are not converted)"
         )
 
@@ -280,9 +337,9 @@ def binarize(
     plan: list[tuple[str, nn.Module]] = []
     for i, (name, m) in enumerate(candidates):
         pattern = _kept_by_pattern(name, patterns)
-        if keep_first and i == 0:
+        if config.keep_first and i == 0:
             report.kept[name] = "keep_first"
-        elif keep_last and i == len(candidates) - 1:
+        elif config.keep_last and i == len(candidates) - 1:
             report.kept[name] = "keep_last"
         elif pattern is not None:
             report.kept[name] = f"keep pattern {pattern!r}"
@@ -296,7 +353,7 @@ def binarize(
         )
 
     first_name = candidates[0][0]
-    iq_module = get_quantizer(input_quantizer)
+    iq_module = get_quantizer(config.input_quantizer)
     relus = [n for n, m in model.named_modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
     signs_activations = is_binary_quantizer(iq_module) and not isinstance(iq_module, SteHeaviside)
     if relus and signs_activations and any(name != first_name for name, _ in plan):
@@ -320,15 +377,7 @@ def binarize(
         if id(old) in replacements:
             continue
         real_in = name == first_name
-        new = _make_binary(
-            old,
-            input_quantizer=None if real_in else input_quantizer,
-            weight_quantizer=weight_quantizer,
-            weight_mode=weight_mode,
-            scale=scale,
-            pad_value=pad_value,
-            weight_clip=weight_clip,
-        )
+        new = _make_binary(old, config, None if real_in else config.input_quantizer)
         replacements[id(old)] = new
         report.converted.append(name)
         if real_in:
