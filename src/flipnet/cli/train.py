@@ -147,7 +147,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     """``flipnet eval``: load a run's checkpoint and print its test accuracy."""
     from flipnet.train.build import amp_dtype, build_data, build_loader, model_from_checkpoint, resolve_device
     from flipnet.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from flipnet.train.loop import evaluate
+    from flipnet.train.evaluation import evaluate
 
     if ns.batch_size is not None and ns.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {ns.batch_size}")

@@ -39,6 +39,7 @@ __all__ = [
     "amp_dtype",
     "build_data",
     "build_loader",
+    "build_models",
     "build_model",
     "build_optimizer",
     "build_schedules",
@@ -243,6 +244,44 @@ def recipe_model(config: Config) -> nn.Module:
         raise ConfigError(f"data set {config.data.name!r} does not say its image shape without being loaded")
     input_shape, num_classes = shape
     return build_model(config, num_classes, input_shape)
+
+
+def build_models(configs: Sequence[Config], data: Any, device: torch.device, *, init_weights: bool = True
+                 ) -> tuple[list[nn.Module], Any]:
+    """The models of runs trained together, on ``device``, and (several) their ``SeedEnsemble``.
+
+    Each model is built right after seeding with its recipe's seed (as a separate run would be);
+    ``init_weights``: apply ``model.init_from`` (a new run, not a resume). One model is moved with
+    :func:`flipnet.train.fast.prepare_model` (``train.channels_last``); several become views into one
+    :class:`flipnet.train.ensemble.SeedEnsemble`, which must exist before their optimizers.
+
+    Raises:
+        NotVectorizable: several models that the ensemble cannot widen, or a non-classification task.
+    """
+    from flipnet.utils import seed_everything
+
+    from .fast import prepare_model
+
+    base = configs[0]
+    models = []
+    for cfg in configs:
+        seed_everything(cfg.seed)
+        m = build_model(cfg, data.num_classes, data.input_shape)
+        if cfg.model.init_from and init_weights:
+            load_init_weights(m, cfg.model.init_from)
+        models.append(m.to(device) if len(configs) > 1 else prepare_model(m, device, base.train.channels_last))
+    if len(configs) == 1:
+        return models, None
+    from torch import nn as _nn
+
+    from .ensemble import NotVectorizable, SeedEnsemble
+
+    if data.task != "classification":
+        raise NotVectorizable("vectorised multi-run training supports classification data sets only")
+    cl = base.train.channels_last
+    if cl == "auto":
+        cl = device.type == "cuda" and any(isinstance(x, _nn.Conv2d) for x in models[0].modules())
+    return models, SeedEnsemble(models, channels_last=bool(cl))
 
 
 def load_init_weights(model: nn.Module, source: str) -> None:

@@ -46,53 +46,15 @@ from .checkpoint import get_rng_state, save_checkpoint, set_rng_state
 from .config import Config, config_to_dict, dump_config
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed
 from .divergence import first_non_finite, watched_tensors
-from .ensemble import NotVectorizable, SeedEnsemble, SeedOptimizer, ensemble_loss, ensemble_metrics, evaluate_ensemble
+from .ensemble import SeedEnsemble, SeedOptimizer, ensemble_loss, ensemble_metrics, evaluate_ensemble
+from .evaluation import evaluate
 from .fast import make_train_step, prepare_model
 from .report import epoch_line, final_line, finish_files, hyperparameter_values, results, start_line
 
-__all__ = ["Trainer", "Member", "evaluate"]
+__all__ = ["Trainer", "Member"]
 
 class _StopRequested(Exception):
     """Internal: Ctrl-C / SIGTERM (or a rank's request under DDP) asks the loop to stop after a step."""
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device,
-             amp_dtype: torch.dtype | None = None, max_samples: int | None = None) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` over ``loader`` (summed over DDP ranks).
-
-    Args:
-        max_samples: use only the first ``max_samples`` samples this rank's loader yields. Under
-            DDP a loader pads the last batches by wrapping around so that every rank gets as many
-            samples; with each rank's true share here, every sample counts exactly once.
-
-    Returns ``{"loss": float, "acc": float, "n": int}``; accuracy counts pixels for segmentation.
-    One host synchronisation at the end.
-    """
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, targets
-    n_samples = 0
-    try:
-        for x, y in loader:
-            if max_samples is not None:
-                if n_samples >= max_samples:
-                    break
-                x, y = x[: max_samples - n_samples], y[: max_samples - n_samples]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(x)
-                loss = F.cross_entropy(out.float(), y, reduction="sum")
-            if y.dim() > 1:  # dense targets: mean loss per pixel, times the number of images
-                loss = loss / (y.numel() / y.shape[0])
-            sums += torch.stack([loss.double(), (out.argmax(dim=1) == y).sum().double(), torch.tensor(float(y.numel()), device=device, dtype=torch.float64)])
-            n_samples += y.shape[0]
-    finally:
-        model.train(was_training)
-    both = all_reduce_sum(torch.cat([sums, torch.tensor([float(n_samples)], device=device, dtype=torch.float64)]))
-    loss_sum, correct, targets, samples = both.tolist()
-    if samples == 0:
-        raise ConfigError("the evaluation set is empty; check data.test_subset / data.val_size")
-    return {"loss": loss_sum / samples, "acc": correct / targets, "n": int(samples)}
 
 
 @dataclass(eq=False)
@@ -214,20 +176,7 @@ class Trainer:
         run_dirs, ckpts, changes, self._note = build.read_resume(configs, labels, resume, force) if resume is not None else (None, None, [], None)
         seed_everything(base.seed)
         data = build.build_data(base)
-        if multi and data.task != "classification":
-            raise NotVectorizable("vectorised multi-run training supports classification data sets only")
-        models = []
-        for cfg in configs:
-            seed_everything(cfg.seed)
-            m = build.build_model(cfg, data.num_classes, data.input_shape)
-            if cfg.model.init_from and ckpts is None:
-                build.load_init_weights(m, cfg.model.init_from)
-            models.append(m.to(device) if multi else prepare_model(m, device, base.train.channels_last))
-        ensemble = None
-        if multi:  # before the optimizers: the members' parameters become views into the ensemble
-            cl = base.train.channels_last
-            cl = device.type == "cuda" and any(isinstance(x, nn.Conv2d) for x in models[0].modules()) if cl == "auto" else bool(cl)
-            ensemble = SeedEnsemble(models, channels_last=cl)
+        models, ensemble = build.build_models(configs, data, device, init_weights=ckpts is None)
         members = [Member(c, m, build.build_optimizer(c, m), label=lb) for c, m, lb in zip(configs, models, labels)]
         self._group = (Path(group_dir) if group_dir else (run_dirs[0].parent if run_dirs else None), group_config) if multi else None
         if base.train.track_signs and not any(getattr(cb, "tracks_signs", False) for cb in callbacks):
