@@ -189,6 +189,23 @@ def test_layer_coverage(opset: int) -> None:
         np.testing.assert_allclose(got, logits(model, x).numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name,kwargs", [("reactnet_a", {}), ("birealnet18", {}), ("birealnet18", {"rprelu": True})],
+                         ids=["reactnet_a", "birealnet18", "birealnet18-rprelu"])
+def test_reactnet_and_bireal_net(name: str, kwargs: dict) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, small_input=True, base_width=8, num_classes=10, **kwargs)
+    with torch.no_grad():  # move RSign/RPReLU shifts and slopes away from their initial values
+        for pname, p in model.named_parameters():
+            if "move" in pname or "prelu" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+    _random_bn(model)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    ref = logits(model, x).numpy()
+    proto = export_onnx(model, None, input_shape=(3, 32, 32))
+    assert "PRelu" in ops(proto) or not (kwargs or name == "reactnet_a")
+    np.testing.assert_allclose(run_ort(proto, x), ref, atol=TOL * max(1.0, float(np.abs(ref).max())), rtol=0)
+
+
 def test_model_state_is_unchanged(tmp_path: Path) -> None:
     model = create_model("binary_mlp", input_size=8, hidden_sizes=(16,)).train()
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}

@@ -720,6 +720,73 @@ def _register_resnets() -> None:
 _register_resnets()
 
 
+@register_onnx_handler(nn.PReLU)
+def _prelu(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
+    w = m.weight.detach().float()  # type: ignore[attr-defined]
+    slope = w.reshape((-1,) + (1,) * (v.example.dim() - 2)) if w.numel() > 1 else w.reshape(1)
+    return g.node("PRelu", [v.name, g.const(name + ".slope", slope)], name, m(v.example))
+
+
+def _register_reactnets() -> None:
+    """ReActNet-A and Bi-Real Net 18/34 (:mod:`flipnet.models.reactnet`, :mod:`flipnet.models.bireal`)."""
+    from ..models.bireal import BiRealNet, BiRealUnit
+    from ..models.reactnet import LearnableBias, ReActBlock, ReActNet, RPReLU
+
+    @register_onnx_handler(LearnableBias)
+    def _bias(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
+        b = m.bias.detach().float().reshape((1, -1) + (1,) * (v.example.dim() - 2))  # type: ignore[attr-defined]
+        return g.node("Add", [v.name, g.const(name + ".bias", b)], name, v.example + b)
+
+    @register_onnx_handler(RPReLU)
+    def _rprelu(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
+        for part in ("move_in", "prelu", "move_out"):
+            v = emit(g, getattr(m, part), v, f"{name}.{part}")
+        return v
+
+    @register_onnx_handler(ReActBlock)
+    def _react_block(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
+        a = emit(g, m.bn1, emit(g, m.conv3x3, emit(g, m.move1, v, name + ".move1"), name + ".conv3x3"), name + ".bn1")  # type: ignore[arg-type]
+        p = emit(g, m.pool, v, name + ".pool")  # type: ignore[arg-type]
+        y1 = emit(g, m.act1, g.node("Add", [a.name, p.name], name + ".add1", a.example + p.example), name + ".act1")  # type: ignore[arg-type]
+        z = emit(g, m.move2, y1, name + ".move2")  # type: ignore[arg-type]
+        if m.duplicate:  # type: ignore[attr-defined]
+            halves = []
+            for h in ("a", "b"):
+                c = emit(g, getattr(m, f"bn2{h}"), emit(g, getattr(m, f"conv1x1{h}"), z, f"{name}.conv1x1{h}"), f"{name}.bn2{h}")
+                halves.append(g.node("Add", [c.name, y1.name], f"{name}.add2{h}", c.example + y1.example))
+            y2 = g.node("Concat", [h.name for h in halves], name + ".cat", torch.cat([h.example for h in halves], dim=1), axis=1)
+        else:
+            c = emit(g, m.bn2, emit(g, m.conv1x1, z, name + ".conv1x1"), name + ".bn2")  # type: ignore[arg-type]
+            y2 = g.node("Add", [c.name, y1.name], name + ".add2", c.example + y1.example)
+        return emit(g, m.act2, y2, name + ".act2")  # type: ignore[arg-type]
+
+    @register_onnx_handler(BiRealUnit)
+    def _bireal_unit(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
+        a = emit(g, m.bn, emit(g, m.conv, emit(g, m.move, v, name + ".move"), name + ".conv"), name + ".bn")  # type: ignore[arg-type]
+        sc = emit(g, m.shortcut, v, name + ".shortcut")  # type: ignore[arg-type]
+        return emit(g, m.act, g.node("Add", [a.name, sc.name], name + ".add", a.example + sc.example), name + ".act")  # type: ignore[arg-type]
+
+    def _head(g: OnnxGraph, m: nn.Module, x: Value) -> Value:
+        x = emit(g, m.pool, x, "pool")  # type: ignore[arg-type]
+        x = g.node("Flatten", [x.name], "flatten", x.example.flatten(1), axis=1)
+        x = emit(g, m.dropout, x, "dropout")  # type: ignore[arg-type]
+        return emit(g, m.fc, x, "fc")  # type: ignore[arg-type]
+
+    @register_onnx_handler(ReActNet)
+    def _reactnet(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
+        return _head(g, m, emit(g, m.blocks, emit(g, m.stem, v, "stem"), "blocks"))  # type: ignore[arg-type]
+
+    @register_onnx_handler(BiRealNet)
+    def _birealnet(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
+        x = emit(g, m.stem, v, "stem")  # type: ignore[arg-type]
+        for stage in m.stages:  # type: ignore[attr-defined]
+            x = emit(g, getattr(m, stage), x, stage)
+        return _head(g, m, x)
+
+
+_register_reactnets()
+
+
 # ============================================================================ entry point
 def export_onnx(
     model: nn.Module,
