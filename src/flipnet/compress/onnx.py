@@ -48,8 +48,8 @@ within rounding of 0 just before a sign can come out of the sign differently in 
 implementations (PyTorch itself does this between batch sizes), which the tests measure.
 
 Supported modules: flat ``nn.Sequential`` models (``binarynet``, ``binary_mlp``, their float
-twins) and the ResNets (:class:`~flipnet.models.resnet.ResNet` with Bi-Real or basic blocks);
-layers as listed in ``docs/deployment.md``. Handlers for further module types are added with
+twins), the ResNets (:class:`~flipnet.models.resnet.ResNet` with Bi-Real or basic blocks),
+ReActNet-A and Bi-Real Net 18/34; layers as listed in ``docs/deployment.md``. Handlers for further module types are added with
 :func:`register_onnx_handler`.
 """
 
