@@ -153,3 +153,53 @@ def test_augmentation_lists(folder: Path) -> None:
     assert type(full._dataset.transform.transforms[0]).__name__ == "RandomResizedCrop"
     with pytest.raises(ConfigError, match="'crop'.*'flip'"):
         data.make_loader("train", 6, train=True, device="cpu", augment=["rotate"])
+
+
+def test_corrupt_image_in_a_worker_is_one_sentence(folder: Path, tmp_path: Path) -> None:
+    # DataLoader re-raises a worker's error with the worker's traceback as its message
+    import shutil
+
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    bad = sorted((copy / "train" / CLASSES[2]).iterdir())[1]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    loader = _load(copy, num_workers=1).make_loader("train", 4, train=True, device="cpu", seed=0)
+    assert loader.num_workers == 1
+    with pytest.raises(DataFormatError) as info:
+        list(loader)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message and "Caught" not in message
+    assert message.startswith("cannot decode image ") and bad.name in message
+
+
+def test_empty_class_folder_is_named(folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    for f in (copy / "train" / CLASSES[1]).iterdir():
+        f.unlink()
+    (copy / "train" / CLASSES[1] / "notes.txt").write_text("not an image")
+    with pytest.raises(DataFormatError, match=f"class folder\\(s\\) without image files: '{CLASSES[1]}'"):
+        _load(copy)
+
+
+def test_non_image_and_hidden_files_are_not_listed(folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    (copy / "train" / CLASSES[0] / "README.txt").write_text("hello")
+    (copy / "train" / CLASSES[0] / "._n01440764_0000.JPEG").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    data = _load(copy)
+    assert len(data.train_files) == 18
+    assert not any(Path(f).name.startswith(".") or f.endswith(".txt") for f in data.train_files)
+    assert sum(len(y) for _, y in data.make_loader("train", 5, train=True, device="cpu")) == 18
+
+
+def test_subset_covers_every_class(folder: Path) -> None:
+    # the files are sorted class by class: a plain "first N" would hold class 0 only
+    data = _load(folder, subset=3, test_subset=4)
+    assert sorted(data.train_y.tolist()) == [0, 1, 2]
+    assert sorted(data.test_y.tolist()) == [0, 0, 1, 2]
+    full = _load(folder)
+    assert data.train_files == tuple(full.train_files[i] for i in (0, 6, 12))  # first file of each class
+    assert data.test_files == tuple(full.test_files[i] for i in (0, 1, 2, 4))  # file order kept
+    assert _load(folder, subset=100).train_files == full.train_files

@@ -94,16 +94,44 @@ def eval_transform(image_size: int = 224) -> Any:
 def _scan(split_dir: Path, classes: Sequence[str]) -> tuple[list[str], list[int]]:
     paths: list[str] = []
     labels: list[int] = []
+    empty: list[str] = []
     for idx, cls in enumerate(classes):
         folder = split_dir / cls
         if not folder.is_dir():
             raise DataFormatError(f"{split_dir} has no class folder {cls!r} (it is in the train folder); the splits must share their classes")
+        before = len(paths)
         for dirpath, _dirs, files in sorted(os.walk(folder, followlinks=True)):
             for name in sorted(files):
-                if name.lower().endswith(IMG_EXTENSIONS):
+                # hidden files (macOS "._x.JPEG" resource forks, editor droppings) are not images
+                if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
                     paths.append(os.path.join(dirpath, name))
                     labels.append(idx)
+        if len(paths) == before:
+            empty.append(cls)
+    if empty and len(empty) < len(classes):  # every class empty: the caller says "holds no image files"
+        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+        raise DataFormatError(
+            f"{split_dir} has class folder(s) without image files: {', '.join(map(repr, empty[:3]))}{more} "
+            f"(a class needs at least one {'/'.join(IMG_EXTENSIONS[:2])}... file in every split)"
+        )
     return paths, labels
+
+
+def _round_robin(labels: Sequence[int] | torch.Tensor, n: int | None) -> list[int]:
+    """Indices of ``n`` files spread over the classes: the first file of every class, then the
+    second of every class, ... (file order kept within a class; the result is in file order)."""
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    if n is None or n >= len(y):
+        return list(range(len(y)))
+    # rank of each file within its class (files of a class are contiguous and in order)
+    order = torch.argsort(y, stable=True)
+    rank = torch.empty_like(y)
+    counts = torch.bincount(y)
+    starts = torch.cumsum(counts, 0) - counts
+    rank[order] = torch.arange(len(y)) - starts[y[order]]
+    key = rank * (int(y.max()) + 1) + y  # by rank, then by class
+    chosen = torch.argsort(key, stable=True)[:n]
+    return sorted(chosen.tolist())
 
 
 def find_image_folder(root: str | os.PathLike | None) -> Path:
@@ -196,15 +224,22 @@ class ImageFolderData:
         )
 
     def subset(self, train: int | None = None, test: int | None = None) -> "ImageFolderData":
-        """The first ``train`` training and ``test`` test files (in class-then-name order)."""
+        """``train`` training and ``test`` test files spread over the classes (``None``: all).
+
+        The files are sorted class by class, so "the first N" would be the first few classes
+        only; instead the first file of every class is taken, then the second of every class,
+        and so on (name order within a class), so every class is represented when
+        ``N >= num_classes``. Deterministic (no seed).
+        """
         for label, n in (("train", train), ("test", test)):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
                 raise ValueError(f"{label} subset size must be >= 1, got {n}")
         info = dict(self.info)
         info["subset"] = {"train": train, "test": test}
+        tr, te = _round_robin(self.train_y, train), _round_robin(self.test_y, test)
         return replace(
-            self, train_files=self.train_files[:train], train_y=self.train_y[:train],
-            test_files=self.test_files[:test], test_y=self.test_y[:test], info=info,
+            self, train_files=tuple(self.train_files[i] for i in tr), train_y=self.train_y[tr],
+            test_files=tuple(self.test_files[i] for i in te), test_y=self.test_y[te], info=info,
         )
 
     def split_validation(self, val_size: int | float | str | None, *, seed: int = 0) -> "ImageFolderData":
@@ -318,7 +353,9 @@ class _Files(Dataset):
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
+        # PIL raises OSError (truncated), UnidentifiedImageError, SyntaxError/ValueError (some
+        # malformed headers) or DecompressionBombError (absurd sizes) for a bad file
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DataFormatError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
         if self.seed is None:
             return self.transform(img), int(self.labels[i])
@@ -351,6 +388,18 @@ class _EpochSampler(Sampler[int]):
         total = self.per_rank * self.world_size
         order = (order * (total // max(self.n, 1) + 1))[:total]
         return iter(order[self.rank :: self.world_size])
+
+
+def _worker_sentence(message: str) -> str:
+    """The error sentence of a :class:`DataFormatError` that a ``DataLoader`` worker raised.
+
+    ``DataLoader`` re-raises a worker's exception with the worker's traceback as its message;
+    its last line is ``<module>.DataFormatError: <sentence>``. A message without that form is
+    returned unchanged.
+    """
+    marker = "DataFormatError: "
+    lines = [ln for ln in message.strip().splitlines() if marker in ln]
+    return lines[-1].split(marker, 1)[1].strip() if lines else message
 
 
 class ImageFolderLoader:
@@ -409,9 +458,15 @@ class ImageFolderLoader:
             generator=torch.Generator().manual_seed(0),  # worker base seeds; the global RNG stays untouched
         )
         n_batches = len(self)
-        for i, (x, y) in enumerate(loader):
-            if i >= n_batches:
-                break
+        batches = iter(loader)
+        for i in range(n_batches):
+            try:
+                x, y = next(batches)
+            except DataFormatError as e:
+                # re-raised from a worker, the message holds the worker's whole traceback: keep its sentence
+                raise DataFormatError(_worker_sentence(str(e))) from None
+            except StopIteration:
+                return
             yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
 
     def __repr__(self) -> str:
@@ -450,14 +505,16 @@ def load_imagenet(
         image_size: side of the square training crops and evaluation center crops (224).
         num_workers: decoding worker processes (default ``min(8, CPUs - 1)``).
         crop_scale: area range of ``RandomResizedCrop`` ((0.08, 1) as the references).
-        subset, test_subset: keep the first N training / test files.
+        subset, test_subset: keep N training / test files spread over the classes
+            (:meth:`ImageFolderData.subset`).
 
     ``load_dataset("imagenet", val_size=...)`` holds a validation split out of the training files
     (:meth:`ImageFolderData.split_validation`).
 
     Raises:
         DataNotFoundError: no ``train/`` and ``val/`` folders (lists the places looked at).
-        DataFormatError: the class folders differ from ``num_classes``, or a split has no images.
+        DataFormatError: the class folders differ from ``num_classes``, a split has no images, or
+            a class folder of a split holds no image file.
     """
     for name, value in (("num_classes", num_classes), ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
