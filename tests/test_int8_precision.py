@@ -206,3 +206,21 @@ def test_int8_training_step_matches_fp32_forward_of_binary_layers() -> None:
     assert len(outs) == 8
     for name, (ref, got) in outs.items():
         assert torch.equal(ref, got), name
+
+
+@pytest.mark.slow
+def test_int8_layers_compile_with_inductor() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        BinaryConv2d(4, 8, 3, padding=1, input_quantizer="ste_sign", weight_mode="flip", pad_value=1.0),
+        torch.nn.Flatten(), BinaryLinear(8 * 6 * 6, 5, input_quantizer="ste_sign"),
+    )
+    x = torch.randn(4, 4, 6, 6, requires_grad=True)
+    ref = model(x)
+    (ref_gx,) = torch.autograd.grad(ref.sum(), x)
+    select_precision("cpu", "int8").apply(model)
+    compiled = torch.compile(model)
+    out = compiled(x)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-2, atol=1e-2)
