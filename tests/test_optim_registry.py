@@ -252,3 +252,19 @@ def test_large_cpu_tensors_stepped_in_slices_give_the_same_numbers(name, monkeyp
         assert torch.equal(a, b)
         assert all(torch.equal(opt_s.state[a][k], opt_w.state[b][k]) for k in opt_s.state[a])
         assert int(opt_s.flip_counts()[a]) == int(opt_w.flip_counts()[b]) > 0
+
+
+@pytest.mark.parametrize("name", FLIP)
+def test_sliced_cpu_step_does_not_sync(name):
+    from _optim_helpers import no_host_sync
+
+    from flipnet.optim import base
+
+    w = torch.nn.Parameter(torch.randn(base._CPU_SLICE_DEFAULT * 2 + 5))
+    opt = get_optimizer_info(name).cls([w], **{**kwargs_for(name), "gamma": torch.tensor(0.5)})
+    w.grad = torch.randn(w.shape)
+    opt.step()
+    w.grad = torch.randn(w.shape)
+    with no_host_sync():
+        opt.step()
+        opt.flip_counts()
