@@ -197,12 +197,17 @@ def test_binary_convs_run_packed(name: str) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_chain_export_refuses_with_one_sentence() -> None:
-    from flipnet.compress.export import export_model
+def test_export_round_trip_runs_every_binary_conv_packed(tmp_path) -> None:
+    from flipnet.compress import PackedBinaryConv2d, export_model, load_exported
 
-    model = create_model("reactnet_a", num_classes=10, small_input=True, base_width=4, weight_mode="flip")
-    with pytest.raises(ValueError, match="needs an nn.Sequential model"):
-        export_model(model, "/nonexistent/never-written.safetensors")
+    model = create_model("reactnet_a", num_classes=10, small_input=True, base_width=4, weight_mode="flip").eval()
+    export_model(model, tmp_path / "r.safetensors")
+    loaded = load_exported(tmp_path / "r.safetensors")
+    binary = sum(isinstance(m, BinaryConv2d) for m in model.modules())
+    assert binary == 31 and sum(isinstance(m, PackedBinaryConv2d) for m in loaded.modules()) == binary
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

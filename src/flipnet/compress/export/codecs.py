@@ -12,8 +12,9 @@ built from a small set of generic modules whatever the architecture.
 Built-in entry types: ``binary_conv``, ``binary_linear``, ``real_conv``, ``real_linear``,
 ``batchnorm``, ``threshold`` (made by BatchNorm folding), ``maxpool2d``, ``avgpool2d``,
 ``adaptive_avgpool2d``, ``flatten``, ``activation``, ``pad_shortcut``, ``bias_add``, ``prelu``,
-``residual``; structural codecs: ``sequential``, ``dropped`` (identity, dropout), ``resnet``,
-``bireal_block``, ``basic_block``, ``birealnet``, ``bireal_unit``, ``rprelu``. See ``docs/deployment.md`` for each entry's fields and for how to add a type.
+``residual``, ``concat``; structural codecs: ``sequential``, ``dropped`` (identity, dropout),
+``resnet``, ``bireal_block``, ``basic_block``, ``birealnet``, ``bireal_unit``, ``rprelu``,
+``reactnet``, ``react_block``. See ``docs/deployment.md`` for each entry's fields and for how to add a type.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ...functional import conv_nd, explicit_padding
 from ...layers import BinaryConv1d, BinaryConv2d, BinaryLayer, BinaryLinear
 from ...models.common import FloatConv2d, FloatLinear, SequentialModel
 from ...models.bireal import BiRealNet, BiRealUnit
-from ...models.reactnet import LearnableBias, RPReLU
+from ...models.reactnet import LearnableBias, ReActBlock, ReActNet, RPReLU
 from ...models.resnet import BasicBlock, BiRealBlock, PadShortcut, ResNet
 from ...quantizers import Quantizer, quantizer_name, sign
 from .. import qbn
@@ -47,7 +48,9 @@ __all__ = [
     "list_codecs",
     "decode_entries",
     "residual_entry",
+    "concat_entry",
     "Residual",
+    "Concat",
 ]
 
 EncodeFn = Callable[[str, nn.Module, "Encoder"], list[Entry]]
@@ -738,6 +741,60 @@ def _encode_birealnet(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
     return entries + enc.children(m, p, ("dropout", "fc"))
 
 
+class Concat(nn.Module):
+    """``cat([branch(x) for branch in branches], dim)``: the inference form of ``concat`` entries."""
+
+    def __init__(self, branches: list[nn.Module], dim: int) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([b(x) for b in self.branches], dim=self.dim)
+
+
+def concat_entry(name: str, branches: list[list[Entry]], dim: int = 1) -> Entry:
+    """A ``concat`` entry: the branches (entry lists, keys ``"0"``, ``"1"``, ...) run on the same input
+    and their outputs are concatenated along ``dim``."""
+    e = Entry("concat", name, dim=int(dim))
+    e.children = {str(i): b for i, b in enumerate(branches)}
+    return e
+
+
+def _decode_concat(r: Reader) -> list[nn.Module]:
+    dim = r.get("dim", int)
+    children = r.cfg.get("children")
+    n = len(children) if isinstance(children, dict) else 0
+    if n < 1 or sorted(children) != sorted(str(i) for i in range(n)):  # type: ignore[arg-type]
+        raise r.fail("a concat entry needs branches '0', '1', ...")
+    return [Concat([_branch(r, str(i)) for i in range(n)], dim)]
+
+
+def _encode_react_block(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
+    # y1 = act1(bn1(conv3x3(move1(x))) + pool(x)); z = move2(y1)
+    # y2 = bn2(conv1x1(z)) + y1, or cat([bn2a(conv1x1a(z)) + y1, bn2b(conv1x1b(z)) + y1]); out = act2(y2)
+    _exact(name, m, ReActBlock)
+    assert isinstance(m, ReActBlock)
+    p = f"{name}."
+    first = residual_entry(f"{p}residual1", enc.children(m, p, ("move1", "conv3x3", "bn1")), enc.children(m, p, ("pool",)),
+                           enc.children(m, p, ("act1",)))
+    if not m.duplicate:
+        return [first, residual_entry(f"{p}residual2", enc.children(m, p, ("move2", "conv1x1", "bn2")), [],
+                                      enc.children(m, p, ("act2",)))]
+    halves = [[residual_entry(f"{p}residual2{h}", enc.children(m, p, ("move2", f"conv1x1{h}", f"bn2{h}")), [])]
+              for h in ("a", "b")]
+    return [first, concat_entry(f"{p}concat", halves), *enc.children(m, p, ("act2",))]
+
+
+def _encode_reactnet(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
+    # fc(dropout(pool(blocks(stem(x))).flatten(1)))
+    _exact(name, m, ReActNet)
+    p = f"{name}." if name else ""
+    entries = enc.children(m, p, ("stem", "blocks", "pool"))
+    entries.append(Entry("flatten", f"{p}flatten", start_dim=1, end_dim=-1))
+    return entries + enc.children(m, p, ("dropout", "fc"))
+
+
 # ================================================================= registrations
 for _codec in (
     LayerCodec("binary_conv", (BinaryLayer,), _encode_binary, _decode_binary_conv),
@@ -765,6 +822,9 @@ for _codec in (
     LayerCodec("rprelu", (RPReLU,), _encode_rprelu),
     LayerCodec("bireal_unit", (BiRealUnit,), _encode_bireal_unit),
     LayerCodec("birealnet", (BiRealNet,), _encode_birealnet, root=True),
+    LayerCodec("concat", (), None, _decode_concat),
+    LayerCodec("react_block", (ReActBlock,), _encode_react_block),
+    LayerCodec("reactnet", (ReActNet,), _encode_reactnet, root=True),
 ):
     register_codec(_codec)
 del _codec

@@ -4,7 +4,7 @@ One `safetensors <https://huggingface.co/docs/safetensors>`_ file whose ``__meta
 ``format = "flipnet-export"`` and ``flipnet``, a JSON document (``{"format", "version", "model",
 "input_shape", "layers", "folds", "extra"}``). ``layers`` is the inference graph as a list of
 entries ``{"type", "name", <config>, "tensors": {role: tensor name}}``; a structural entry (a
-residual block) also has ``"children": {branch: [entries]}``. The full specification is in
+residual block, a concatenation) also has ``"children": {branch: [entries]}``. The full specification is in
 ``docs/deployment.md``; this module only implements it.
 
 Tensor names are the entry's index path plus its role: ``"3.weight_bits"`` for role
@@ -39,8 +39,8 @@ __all__ = [
 
 EXPORT_FORMAT = "flipnet-export"
 #: Newest version this flipnet reads and writes. Version 1: a flat list of the entry types in
-#: :data:`V1_TYPES`. Version 2 adds structural entries with ``children`` (``residual``),
-#: ``pad_shortcut``, ``bias_add`` and ``prelu``. Files are written with the lowest version that describes them, so flat models
+#: :data:`V1_TYPES`. Version 2 adds structural entries with ``children`` (``residual``,
+#: ``concat``), ``pad_shortcut``, ``bias_add`` and ``prelu``. Files are written with the lowest version that describes them, so flat models
 #: stay version 1 (and readable by older flipnet).
 EXPORT_VERSION = 2
 V1_TYPES = frozenset({"binary_conv", "binary_linear", "real_conv", "real_linear", "batchnorm", "threshold",
@@ -73,7 +73,10 @@ def _serialise(entries: list[Entry], prefix: str, tensors: dict[str, Tensor]) ->
         names = {}
         for role, t in e.tensors.items():
             tname = f"{path}.{role}"
-            tensors[tname] = t.detach().cpu().contiguous()
+            t = t.detach().cpu().contiguous()
+            if any(t.untyped_storage().data_ptr() == o.untyped_storage().data_ptr() for o in tensors.values()):
+                t = t.clone()  # an entry written twice (a branch of a concat): safetensors stores each tensor once
+            tensors[tname] = t
             names[role] = tname
         cfg["tensors"] = names
         if e.children:

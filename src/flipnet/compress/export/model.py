@@ -31,7 +31,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping
     Args:
         model: an ``nn.Sequential`` (nested Sequentials are flattened; ``binarynet``,
             ``binary_mlp``) or a model with a root codec (the ResNets ``resnet20``/``resnet18`` and
-            Bi-Real Nets ``birealnet18``/``birealnet34``, shortcuts included).
+            Bi-Real Nets ``birealnet18``/``birealnet34``, ReActNet-A ``reactnet_a``; shortcuts included).
         path: output file; written atomically.
         metadata: optional. ``metadata["model"] = {"name": ..., "kwargs": {...}}`` records the
             registry name and arguments that rebuild the float model; ``"input_shape"`` the
@@ -52,7 +52,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping
     if codec is None or not codec.root:
         raise ValueError(
             "export_model needs an nn.Sequential model (binarynet, binary_mlp) or a model with a root export "
-            f"codec (resnet20, resnet18, birealnet18, birealnet34), got {type(model).__name__}"
+            f"codec (resnet20, resnet18, birealnet18, birealnet34, reactnet_a), got {type(model).__name__}"
         )
     was_training = model.training
     model.eval()
