@@ -40,6 +40,11 @@ Three execution modes share that one definition:
     next call captures the graph and replays it. A batch of another shape than the captured one
     (e.g. a short last batch) is run eagerly on the same parameters and optimizer state.
 
+Precision (``train.precision``): :func:`select_precision` resolves ``fp32``, ``tf32``, ``bf16``,
+``int8`` or ``auto`` for a device into a :class:`Precision`, whose ``amp_dtype`` goes to
+:func:`make_train_step` and whose :meth:`Precision.apply` switches the binary layers' exact int8
+forward (CPU) on or off; the exactness of each mode is listed in :class:`Precision`.
+
 Example:
     >>> step = make_train_step(model, optimizer, torch.nn.functional.cross_entropy)
     >>> loss_sum = torch.zeros((), device=device); correct = torch.zeros((), device=device)
