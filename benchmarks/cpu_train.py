@@ -107,7 +107,7 @@ class PlainBinaryNet(nn.Module):
         return x
 
 
-def plain_step(filters: int, dense: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def plain_step(filters: int, dense: int) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], PlainBinaryNet]:
     model = PlainBinaryNet(filters, dense)
     binary = list(model.convs) + list(model.fcs)
     momenta = [torch.zeros_like(w) for w in binary]
@@ -125,7 +125,7 @@ def plain_step(filters: int, dense: int) -> Callable[[torch.Tensor, torch.Tensor
         adam.step()
         adam.zero_grad(set_to_none=True)
 
-    return step
+    return step, model
 
 
 # ----------------------------------------------------------------------------- flipnet
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels-last", choices=["true", "false"], default="true", help="flipnet modes only")
     p.add_argument("--compile", action="store_true", help="also time every flipnet mode under torch.compile")
     p.add_argument("--layers", action="store_true", help="print the per-layer MAC count")
+    p.add_argument("--probe-seconds", type=float, default=0.6, help="length of each GEMM rate probe")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile 2 steps of each configuration (torch.profiler, ops by input shape)")
     args = p.parse_args(argv)
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     load0 = os.getloadavg()
     torch.set_num_threads(max(threads))
-    rates = {(dt, n): gemm_rate(dt, n) for dt in (torch.bfloat16, torch.float32, torch.int8) for n in (1024, 2048)}
+    rates = {(dt, n): gemm_rate(dt, n, args.probe_seconds)
+             for dt in (torch.bfloat16, torch.float32, torch.int8) for n in (1024, 2048)}
     bf16_rate = max(v for (dt, _), v in rates.items() if dt is torch.bfloat16)
     print(f"# {torch.__version__}, {max(threads)} threads, load average {load0[0]:.2f}; GEMM rates (TFLOP/s or TOP/s): "
           + ", ".join(f"{str(dt).replace('torch.', '')} n={n}: {v / 1e12:.3f}" for (dt, n), v in rates.items()),
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                         t0 = time.perf_counter()
                         if mode == "plain":
                             f, d = (128, 1024) if mk == "binarynet" else (32, 256)
-                            step = plain_step(f, d)
+                            step, _ = plain_step(f, d)
                         else:
                             step, _ = flipnet_step(mk, mode, args.channels_last == "true", comp)
                         label = mode + ("+compile" if comp else "") + (f" {th}t" if len(threads) > 1 else "")
@@ -315,12 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     round_rates: list[float] = []
     for r in range(args.rounds):
         torch.set_num_threads(max(threads))
-        rate_before = max(gemm_rate(torch.bfloat16, n, 0.3) for n in (1024, 2048))
+        rate_before = max(gemm_rate(torch.bfloat16, n, args.probe_seconds / 2) for n in (1024, 2048))
         for c in configs:
             _time(c, args.steps)
         torch.set_num_threads(max(threads))
         # the bound of this round: the GEMM rate probed just before and after it (same load)
-        rate = max(rate_before, max(gemm_rate(torch.bfloat16, n, 0.3) for n in (1024, 2048)))
+        rate = max(rate_before, max(gemm_rate(torch.bfloat16, n, args.probe_seconds / 2) for n in (1024, 2048)))
         round_rates.append(rate)
         for c in configs:
             of_bound[id(c)].append(c.ips[-1] * 6 * macs_of[c.model] / rate)
