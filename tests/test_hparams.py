@@ -298,3 +298,82 @@ def test_recipe_mapping_of_an_sgd_recipe() -> None:
     h = hparams_from_recipe(cfg)
     assert (h.optimizer, h.decoupled, h.steps_per_epoch, h.steps, h.step_every, h.step_factor) == ("sgd", False, 10, 60, 20, 0.5)
     assert flip_filter(h).kind == "cema"
+
+
+def test_cli_never_overwrites_plots_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prefix = tmp_path / "p"
+    args = ["hparams", "--weight-decay", "1e-4", "--out", str(prefix)]
+    memory_png = Path(f"{prefix}_memory.png")
+    memory_png.write_bytes(b"keep me")
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"flipnet hparams: error: {prefix}_memory.png already exists; pass --force to replace it, or choose another --out prefix"
+    assert captured.out == ""  # refused before printing anything
+    assert memory_png.read_bytes() == b"keep me" and not Path(f"{prefix}_impulse.png").exists()  # nothing written
+    assert main([*args, "--force"]) == 0
+    assert memory_png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["hparams", "--force"]) == 2
+    assert "needs --out" in capsys.readouterr().err
+    # a set-up without a filter is refused before the report is printed
+    assert main(["hparams", "--out", str(tmp_path / "q")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no CEMA filter to plot" in captured.err
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--alpha", "1e-4", "--gamma", "0.1", "--weight-decay", "5e-4"], "--weight-decay"),
+    (["--alpha", "1e-4", "--gamma", "0.1", "--momentum", "0.5"], "--momentum"),
+    (["--alpha", "1e-4", "--gamma", "0.1", "--optimizer", "adam"], "--optimizer"),
+    (["--alpha", "1e-4", "--gamma", "0.1", "--coupled"], "--coupled"),
+    (["--recipe", "cema_cifar10", "--train-size", "45000", "--lr", "0.1"], "--lr"),
+    (["--recipe", "cema_cifar10", "--train-size", "45000", "--optimizer", "sgd"], "--optimizer"),
+    (["--recipe", "cema_cifar10", "--train-size", "45000", "--batch-size", "10"], "--batch-size"),
+    (["--weight-decay", "1e-4", "--end-lr", "0.01"], "--end-lr"),
+    (["--weight-decay", "1e-4", "--schedule", "linear", "--step-every", "10"], "--step-factor/--step-every"),
+    (["--weight-decay", "1e-4", "--schedule", "step", "--step-every", "0"], "--step-every must be a positive"),
+])
+def test_cli_refuses_options_it_would_ignore(args: list[str], word: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["hparams", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and word in lines[0]
+
+
+def _recipe(schedules: list[dict], binary: str = "sgd", kwargs: dict | None = None):
+    from flipnet.train.config import config_from_dict
+
+    return config_from_dict({
+        "data": {"name": "digits", "batch_size": 100, "subset": 1000, "val_size": 0},
+        "optim": {"binary": binary, "binary_kwargs": kwargs or {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
+                  "schedules": schedules},
+        "train": {"epochs": 6},
+    })
+
+
+def test_recipe_mapping_reads_the_schedule_start_and_refuses_what_it_cannot_map() -> None:
+    from flipnet.analysis.hparams import hparams_from_recipe
+
+    # a linear schedule's own start is the lr that runs at step 0 (not binary_kwargs.lr)
+    h = hparams_from_recipe(_recipe([{"key": "lr", "route": "binary", "type": "linear", "start": 0.05, "end": 0.0, "unit": "epoch"}]))
+    assert h.lr == 0.05 and h.schedule == "linear"
+    h = hparams_from_recipe(_recipe([{"key": "alpha", "type": "linear", "start": 2e-4, "end": 1e-4}], "cema",
+                                     {"alpha": 1e-3, "gamma": 0.1}))
+    f = flip_filter(h)
+    assert f.alpha == pytest.approx(2e-4) and float(f.alpha_of_step(np.array([60.0]))[0]) == pytest.approx(1e-4)
+    refused = [
+        ([{"key": "gamma", "route": "binary", "type": "linear", "end": 0.01}], "cema", {"alpha": 1e-3, "gamma": 0.1}, "'gamma'"),
+        ([{"key": "weight_decay", "type": "step", "factor": 0.1, "every": 2}], "sgd", None, "'weight_decay'"),
+        ([{"key": "lr", "route": "binary", "type": "linear", "end": 0.0, "duration": 3, "unit": "epoch"}], "sgd", None, "lasts 3 epochs"),
+        ([{"key": "lr", "route": "binary", "type": "linear", "end": 0.0},
+          {"key": "lr", "route": "binary", "type": "step", "factor": 0.5, "every": 5}], "sgd", None, "2 lr schedules"),
+        ([], "sgd", {"lr": 0.1, "momentum": 0.9, "dampening": 0.5}, "dampening=0.5"),
+        ([], "sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True}, "nesterov=True"),
+        ([], "adam", {"lr": 1e-3, "amsgrad": True}, "amsgrad=True"),
+    ]
+    for scheds, binary, kwargs, match in refused:
+        with pytest.raises(ConfigError, match=match):
+            hparams_from_recipe(_recipe(scheds, binary, kwargs))
+    # a schedule of the real route only is not the binary route's
+    h = hparams_from_recipe(_recipe([{"key": "weight_decay", "route": "real", "type": "linear", "end": 0.0}]))
+    assert h.schedule == "constant" and h.weight_decay == 1e-3

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import cmath
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -434,12 +435,35 @@ def report(h: LatentHparams) -> str:
     return "\n".join(lines)
 
 
-def plot_filter(h: LatentHparams, prefix: str, *, title: str | None = None) -> list[str]:
+PLOT_SUFFIXES: tuple[str, ...] = ("_impulse.png", "_frequency.png", "_memory.png")
+
+
+def plot_paths(prefix: str) -> list[str]:
+    """The files :func:`plot_filter` writes for ``prefix``."""
+    return [f"{prefix}{suffix}" for suffix in PLOT_SUFFIXES]
+
+
+def check_plottable(h: LatentHparams, prefix: str | None = None, *, overwrite: bool = False) -> None:
+    """Raise :class:`~flipnet.errors.ConfigError` when :func:`plot_filter` would refuse ``h``
+    (no filter with α > 0), or when one of its files exists and ``overwrite`` is false."""
+    f = flip_filter(h)
+    if f.alpha is None or f.gamma is None or not f.alpha > 0:
+        why = "no weight decay gives alpha = 0, an integrator" if f.kind == "integrator" else f"{f.kind} filter"
+        raise ConfigError(f"no CEMA filter to plot for this set-up ({why}); leave out --out")
+    if prefix is not None and not overwrite:
+        existing = [q for q in plot_paths(prefix) if os.path.lexists(q)]
+        if existing:
+            raise ConfigError(f"{existing[0]} already exists; pass --force to replace it, or choose another --out prefix")
+
+
+def plot_filter(h: LatentHparams, prefix: str, *, title: str | None = None, overwrite: bool = False) -> list[str]:
     """Draw ``PREFIX_impulse.png``, ``PREFIX_frequency.png`` and ``PREFIX_memory.png``; return the paths.
 
     Impulse response (log-log), magnitude frequency response, and the effective memory over
     training (1/α_t and the 95 % span, in epochs when known). Needs a filter with α > 0 and γ.
+    An existing file is an error (nothing is written) unless ``overwrite`` is true.
     """
+    check_plottable(h, prefix, overwrite=overwrite)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,8 +471,7 @@ def plot_filter(h: LatentHparams, prefix: str, *, title: str | None = None) -> l
     from pathlib import Path
 
     f = flip_filter(h)
-    if f.alpha is None or f.gamma is None or not f.alpha > 0:
-        raise ConfigError(f"no CEMA filter to plot for this set-up ({f.kind}: {'; '.join(f.notes)})")
+    assert f.alpha is not None and f.gamma is not None
     import textwrap
 
     name = title or f"{h.optimizer} lr {h.lr:g} wd {h.weight_decay:g} mom {h.momentum:g}"
@@ -545,13 +568,17 @@ def hparams_from_recipe(config: object, *, train_size: int | None = None, init_s
 
     ``optim.binary`` ``sgd`` (torch's coupled ``weight_decay``), ``adam`` (coupled L2), ``adamw``
     (decoupled; torch's default decay 0.01) or ``cema`` (given as the SGD set-up with that filter,
-    lr 1); the first ``lr`` schedule of the binary route (``alpha`` for CEMA) becomes the schedule,
+    lr 1); the ``lr`` schedule of the binary route (``alpha`` for CEMA) becomes the schedule,
     per step (a per-epoch linear/cosine schedule is a staircase of that line). Steps per epoch come
     from ``data.batch_size`` and ``train_size`` (default: ``data.subset`` minus the validation
     split). ``init_scale`` is not in a recipe (the model's initialiser sets it): pass it.
 
     Raises:
-        ConfigError: another binary optimizer (Bop is a different flip rule), or an unknown size.
+        ConfigError: another binary optimizer (Bop is a different flip rule), an unknown size, a
+            schedule of another key of the binary route (e.g. CEMA's ``gamma``, SGD's
+            ``weight_decay``), a schedule shorter than the run, or an option that changes the
+            filter (Nesterov, dampening, AMSGrad): nothing the recipe sets is silently dropped.
+            A schedule's own ``start`` (``value`` for ``constant``) is the initial value.
     """
     optim, data, train = config.optim, config.data, config.train  # type: ignore[attr-defined]
     n = _recipe_train_size(config, train_size)
@@ -559,36 +586,67 @@ def hparams_from_recipe(config: object, *, train_size: int | None = None, init_s
     steps = max(1, train.epochs * spe)
     kw = dict(optim.binary_kwargs)
     name = optim.binary
+    if name not in _RECIPE_GROUP_KEYS:
+        raise ConfigError(
+            f"flipnet hparams maps latent-weight sgd, adam, adamw and cema; the recipe's binary optimizer is {name!r} "
+            "(Bop-style optimizers flip on a thresholded gradient average: a different rule)"
+        )
     key = "alpha" if name == "cema" else "lr"
-    sched = next((sc for sc in optim.schedules if sc.key == key and sc.route in (None, "binary")), None)
-    schedule, end_value, factor, every = "constant", 0.0, 0.1, 1
+    # every schedule that reaches the binary route's param groups changes the filter: one, of `key`, is read
+    binary_scheds = [sc for sc in optim.schedules if sc.route == "binary" or (sc.route is None and sc.key in _RECIPE_GROUP_KEYS[name])]
+    other = next((sc for sc in binary_scheds if sc.key != key), None)
+    if other is not None:
+        raise ConfigError(f"flipnet hparams reads the binary route's {key} schedule only; the recipe also schedules {other.key!r} "
+                          "(the printed filter would leave it out)")
+    if len(binary_scheds) > 1:
+        raise ConfigError(f"the recipe has {len(binary_scheds)} {key} schedules for the binary route; flipnet hparams reads one")
+    sched = binary_scheds[0] if binary_scheds else None
+    schedule, end_value, factor, every, start = "constant", 0.0, 0.1, 1, None
     if sched is not None:
         if sched.type not in ("constant", "linear", "cosine", "step"):
             raise ConfigError(f"flipnet hparams reads constant, linear, cosine and step schedules; the recipe's {key} schedule is {sched.type!r}")
         schedule = sched.type
         per = spe if sched.unit == "epoch" else 1
+        length = train.epochs if sched.unit == "epoch" else steps
+        if "duration" in sched.params and sched.params["duration"] != length:
+            raise ConfigError(f"the recipe's {key} schedule lasts {sched.params['duration']} {sched.unit}s of the run's {length}; "
+                              "flipnet hparams reads schedules that span the whole run")
+        start = sched.params.get("value" if schedule == "constant" else "start")  # the schedule's own start wins over the optimizer's value
         end_value = float(sched.params.get("end", 0.0))
         factor = float(sched.params.get("factor", 0.1))
         every = int(sched.params.get("every", 1)) * per
+    for opt_key, neutral in _RECIPE_NEUTRAL_KWARGS.get(name, {}).items():
+        if opt_key in kw and kw[opt_key] != neutral:
+            raise ConfigError(f"flipnet hparams does not map {name} with {opt_key}={kw[opt_key]!r} (only {opt_key}={neutral!r})")
     common = dict(schedule=schedule, step_factor=factor, step_every=every, steps=steps, steps_per_epoch=spe, init_scale=init_scale)
     if name == "cema":
-        alpha, gamma = float(kw["alpha"]), float(kw["gamma"])
+        alpha, gamma = float(kw["alpha"] if start is None else start), float(kw["gamma"])
         if alpha <= 0:
             raise ConfigError("the recipe's CEMA alpha is 0: the binary weights never change")
         # lr 1, weight decay alpha: alpha_t = lr_t * alpha, so an alpha schedule ending at E is an lr schedule ending at E / alpha
         return LatentHparams(optimizer="sgd", lr=1.0, momentum=1.0 - gamma, weight_decay=alpha, decoupled=True,
                              end_lr=end_value / alpha, **common)  # type: ignore[arg-type]
+    lr = float(kw.get("lr", 1e-3) if start is None else start)
     if name == "sgd":
-        if kw.get("nesterov"):
-            raise ConfigError("flipnet hparams does not map Nesterov momentum")
-        return LatentHparams(optimizer="sgd", lr=float(kw.get("lr", 1e-3)), momentum=float(kw.get("momentum", 0.0)),
+        return LatentHparams(optimizer="sgd", lr=lr, momentum=float(kw.get("momentum", 0.0)),
                              weight_decay=float(kw.get("weight_decay", 0.0)), decoupled=False, end_lr=end_value, **common)  # type: ignore[arg-type]
-    if name in ("adam", "adamw"):
-        betas = kw.get("betas", (0.9, 0.999))
-        return LatentHparams(optimizer="adam", lr=float(kw.get("lr", 1e-3)), momentum=float(betas[0]), beta2=float(betas[1]),
-                             weight_decay=float(kw.get("weight_decay", 0.01 if name == "adamw" else 0.0)),
-                             decoupled=name == "adamw", end_lr=end_value, **common)  # type: ignore[arg-type]
-    raise ConfigError(
-        f"flipnet hparams maps latent-weight sgd, adam, adamw and cema; the recipe's binary optimizer is {name!r} "
-        "(Bop-style optimizers flip on a thresholded gradient average: a different rule)"
-    )
+    betas = kw.get("betas", (0.9, 0.999))
+    return LatentHparams(optimizer="adam", lr=lr, momentum=float(betas[0]), beta2=float(betas[1]),
+                         weight_decay=float(kw.get("weight_decay", 0.01 if name == "adamw" else 0.0)),
+                         decoupled=name == "adamw", end_lr=end_value, **common)  # type: ignore[arg-type]
+
+
+#: Param-group keys of the binary optimizers ``hparams_from_recipe`` maps (a schedule of any of
+#: them reaches the binary route).
+_RECIPE_GROUP_KEYS: dict[str, frozenset[str]] = {
+    "cema": frozenset({"alpha", "gamma"}),
+    "sgd": frozenset({"lr", "momentum", "dampening", "weight_decay", "nesterov"}),
+    "adam": frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad"}),
+    "adamw": frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad"}),
+}
+#: Optimizer options that change the filter: only their neutral value is mapped.
+_RECIPE_NEUTRAL_KWARGS: dict[str, dict[str, object]] = {
+    "sgd": {"nesterov": False, "dampening": 0, "maximize": False},
+    "adam": {"amsgrad": False, "maximize": False},
+    "adamw": {"amsgrad": False, "maximize": False},
+}

@@ -3,14 +3,17 @@
 ::
 
     flipnet hparams --optimizer sgd --lr 0.1 --momentum 0.9 --weight-decay 1e-4 \\
-        --schedule linear --epochs 256 --steps-per-epoch 2502 [--coupled] [--init-scale S] [--out PREFIX]
-    flipnet hparams --alpha 1e-5 --gamma 0.1 [--lr 0.1] [--epochs ...] [--out PREFIX]
-    flipnet hparams --recipe RECIPE [--train-size N] [--init-scale S] [--out PREFIX]
+        --schedule linear --epochs 256 --steps-per-epoch 2502 [--coupled] [--init-scale S] [--out PREFIX [--force]]
+    flipnet hparams --alpha 1e-5 --gamma 0.1 [--lr 0.1] [--epochs ...] [--out PREFIX [--force]]
+    flipnet hparams --recipe RECIPE [--train-size N] [--init-scale S] [--out PREFIX [--force]]
 
 The first form prints the equivalent CEMA filter (α as a schedule, γ), its effective memory in
 steps and epochs, a recipe snippet and the redundant magnitude hyperparameters; the second (α and
 γ given) prints the SGD settings with that filter (the reverse mapping) and then the same report.
-``--out PREFIX`` draws ``PREFIX_impulse.png``, ``PREFIX_frequency.png`` and ``PREFIX_memory.png``.
+``--out PREFIX`` draws ``PREFIX_impulse.png``, ``PREFIX_frequency.png`` and ``PREFIX_memory.png``
+(an existing file is an error, nothing is written, unless ``--force``). An option the chosen form
+does not read (``--weight-decay`` with ``--alpha``, ``--lr`` with ``--recipe``, ...) is an error,
+never silently ignored.
 Only the standard library and :mod:`flipnet.errors` are imported here.
 """
 
@@ -37,15 +40,15 @@ def register(subparsers: Any) -> None:
             "--alpha and --gamma, map a CEMA filter back to SGD."
         ),
     )
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="latent-weight optimizer (default sgd)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="latent-weight optimizer (default sgd)")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default 0.1; with --alpha: the free lr of the reverse map, default 1)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, or Adam beta1 (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay lambda (default 0)")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum, or Adam beta1 (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay lambda (default 0)")
     p.add_argument("--coupled", action="store_true", help="L2 decay in the gradient (torch SGD/Adam weight_decay) instead of decoupled (SGDW/AdamW)")
     p.add_argument("--init-scale", type=float, default=0.0, help="magnitude of the initial latent weights |w0| (default 0)")
-    p.add_argument("--schedule", choices=("constant", "linear", "cosine", "step"), default="constant", help="learning-rate schedule")
-    p.add_argument("--end-lr", type=float, default=0.0, help="final lr of linear/cosine schedules (default 0)")
-    p.add_argument("--step-factor", type=float, default=0.1, help="factor of the step schedule (default 0.1)")
+    p.add_argument("--schedule", choices=("constant", "linear", "cosine", "step"), default=None, help="learning-rate schedule (default constant)")
+    p.add_argument("--end-lr", type=float, default=None, help="final lr of linear/cosine schedules (default 0)")
+    p.add_argument("--step-factor", type=float, default=None, help="factor of the step schedule (default 0.1)")
     p.add_argument("--step-every", type=int, default=None, help="steps between lr drops of the step schedule (default: a quarter of training)")
     p.add_argument("--epochs", type=float, default=None, help="training length in epochs (with --steps-per-epoch)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="optimizer steps per epoch (or give --train-size and --batch-size)")
@@ -57,6 +60,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--alpha", type=float, default=None, help="reverse mapping: CEMA alpha")
     p.add_argument("--gamma", type=float, default=None, help="reverse mapping: CEMA gamma")
     p.add_argument("--out", metavar="PREFIX", default=None, help="draw PREFIX_impulse.png, PREFIX_frequency.png, PREFIX_memory.png")
+    p.add_argument("--force", action="store_true", help="with --out: replace existing plot files")
     p.add_argument("--title", default=None, help="plot title (default: the hyperparameters)")
     p.set_defaults(func=cmd_hparams)
 
@@ -86,48 +90,84 @@ def _steps(ns: argparse.Namespace) -> tuple[int, int | None]:
     return 1000, spe
 
 
+def _refuse(ns: argparse.Namespace, form: str, options: tuple[str, ...]) -> None:
+    """One sentence for the first of ``options`` given on the command line: ``form`` does not read it."""
+    for opt in options:
+        value = getattr(ns, opt.lstrip("-").replace("-", "_"))
+        if value is not None and value is not False:
+            raise ConfigError(f"{opt} is not used with {form}; leave it out")
+
+
+def _schedule_kwargs(ns: argparse.Namespace, steps: int) -> dict[str, Any]:
+    if ns.step_every is not None and ns.step_every < 1:
+        raise ConfigError(f"--step-every must be a positive number of steps, got {ns.step_every}")
+    schedule = ns.schedule or "constant"
+    if schedule not in ("linear", "cosine") and ns.end_lr is not None:
+        raise ConfigError(f"--end-lr is read by the linear and cosine schedules, not by --schedule {schedule}")
+    if schedule != "step" and (ns.step_factor is not None or ns.step_every is not None):
+        raise ConfigError(f"--step-factor/--step-every are read by --schedule step, not by --schedule {schedule}")
+    return dict(
+        schedule=schedule, end_lr=0.0 if ns.end_lr is None else ns.end_lr,
+        step_factor=0.1 if ns.step_factor is None else ns.step_factor,
+        step_every=ns.step_every or max(1, steps // 4), steps=steps,
+    )
+
+
 def cmd_hparams(ns: argparse.Namespace) -> int:
     """``flipnet hparams``: print the report (and draw the plots with ``--out``)."""
-    from flipnet.analysis.hparams import LatentHparams, flip_filter, latent_from_cema, plot_filter, report
+    from flipnet.analysis.hparams import LatentHparams, check_plottable, flip_filter, latent_from_cema, plot_filter, report
 
+    if ns.force and not ns.out:
+        raise ConfigError("--force replaces existing plot files; it needs --out PREFIX")
     if ns.recipe is not None:
         from flipnet.analysis.hparams import hparams_from_recipe
         from flipnet.train.config import load_config
 
-        if ns.alpha is not None or ns.gamma is not None or ns.steps is not None or ns.epochs is not None:
-            raise ConfigError("--recipe reads the optimizer and training length from the recipe; leave out --alpha/--gamma/--steps/--epochs")
+        _refuse(ns, "--recipe (the recipe sets the optimizer, its schedule and the training length)",
+                ("--alpha", "--gamma", "--steps", "--epochs", "--steps-per-epoch", "--batch-size", "--optimizer", "--lr",
+                 "--momentum", "--weight-decay", "--coupled", "--schedule", "--end-lr", "--step-factor", "--step-every"))
         config = load_config(ns.recipe)
         h = hparams_from_recipe(config, train_size=ns.train_size, init_scale=ns.init_scale)
+        if ns.out:
+            check_plottable(h, ns.out, overwrite=ns.force)
         print(f"recipe {config.name}: binary optimizer {config.optim.binary} {dict(config.optim.binary_kwargs)}, "
               f"batch {config.data.batch_size}, {config.train.epochs} epochs")
         print()
         print(report(h))
         if ns.out:
-            for path in plot_filter(h, ns.out, title=ns.title or config.name):
+            for path in plot_filter(h, ns.out, title=ns.title or config.name, overwrite=ns.force):
                 print(f"wrote {path}")
         return 0
     steps, spe = _steps(ns)
     if (ns.alpha is None) != (ns.gamma is None):
         raise ConfigError("the reverse mapping needs both --alpha and --gamma")
     if ns.alpha is not None:
+        _refuse(ns, "--alpha/--gamma (the reverse mapping gives SGD with decoupled decay; only --lr is free)",
+                ("--optimizer", "--momentum", "--weight-decay", "--coupled"))
+        sched = _schedule_kwargs(ns, steps)
         lr = 1.0 if ns.lr is None else ns.lr
         base = latent_from_cema(ns.alpha, ns.gamma, lr=lr)
+        h = LatentHparams(
+            optimizer="sgd", lr=base.lr, momentum=base.momentum, weight_decay=base.weight_decay, decoupled=True,
+            init_scale=ns.init_scale, steps_per_epoch=spe, **sched,
+        )
+        if ns.out:
+            check_plottable(h, ns.out, overwrite=ns.force)
         print(f"CEMA alpha {ns.alpha:g} gamma {ns.gamma:g} is latent-weight SGD with")
         print(f"  momentum {base.momentum:.6g}, decoupled weight decay {base.weight_decay:.6g} at lr {base.lr:g}")
         print(f"  (any lr works: weight decay = alpha / lr = {ns.alpha:g} / lr; the binary weights do not depend on the choice)")
         print()
-        h = LatentHparams(
-            optimizer="sgd", lr=base.lr, momentum=base.momentum, weight_decay=base.weight_decay, decoupled=True,
-            init_scale=ns.init_scale, schedule=ns.schedule, end_lr=ns.end_lr, step_factor=ns.step_factor,
-            step_every=ns.step_every or max(1, steps // 4), steps=steps, steps_per_epoch=spe,
-        )
     else:
+        sched = _schedule_kwargs(ns, steps)
         h = LatentHparams(
-            optimizer=ns.optimizer, lr=0.1 if ns.lr is None else ns.lr, momentum=ns.momentum, weight_decay=ns.weight_decay,
-            decoupled=not ns.coupled, init_scale=ns.init_scale, schedule=ns.schedule, end_lr=ns.end_lr,
-            step_factor=ns.step_factor, step_every=ns.step_every or max(1, steps // 4), steps=steps, steps_per_epoch=spe,
+            optimizer=ns.optimizer or "sgd", lr=0.1 if ns.lr is None else ns.lr,
+            momentum=0.9 if ns.momentum is None else ns.momentum,
+            weight_decay=0.0 if ns.weight_decay is None else ns.weight_decay,
+            decoupled=not ns.coupled, init_scale=ns.init_scale, steps_per_epoch=spe, **sched,
         )
-        if ns.optimizer == "sgd":
+        if ns.out:
+            check_plottable(h, ns.out, overwrite=ns.force)
+        if h.optimizer == "sgd":
             f = flip_filter(h)
             if f.alpha is not None and f.gamma is not None and f.kind == "cema":
                 back = latent_from_cema(f.alpha, f.gamma, lr=h.lr)
@@ -136,6 +176,6 @@ def cmd_hparams(ns: argparse.Namespace) -> int:
                           f"weight decay {back.weight_decay:.6g} at lr {h.lr:g})")
     print(report(h))
     if ns.out:
-        for path in plot_filter(h, ns.out, title=ns.title):
+        for path in plot_filter(h, ns.out, title=ns.title, overwrite=ns.force):
             print(f"wrote {path}")
     return 0
