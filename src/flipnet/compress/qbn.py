@@ -153,7 +153,10 @@ class QBNProjection(nn.Module):
     :math:`c^\star` with the usual :math:`|w| \le 1` gradient mask, ``magnitude_aware_sign``
     :math:`\mathrm{mean}|w| \cdot c^\star`, and in flip mode (:math:`|w| = 1`) the weight is
     :math:`c^\star` itself. A weight of exactly 0 keeps the codeword's sign with magnitude
-    ``torch.finfo(dtype).tiny``.
+    ``torch.finfo(dtype).tiny``. Where a magnitude is computed from the weight (the per-channel
+    mean of ``magnitude_aware_sign`` or ``scale="xnor"``), its value is that of the stored weight
+    and its gradient :math:`\partial\,\mathrm{mean}|P(w)|/\partial w = c^\star/n` follows the
+    projected signs.
 
     Attributes:
         codebook: ``(2^k, kh*kw)`` ±1 codewords (a buffer; it follows ``.to(device)``).
