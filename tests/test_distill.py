@@ -244,3 +244,22 @@ def test_the_trainer_trains_on_the_distillation_loss(tmp_path: Path) -> None:
     teacher.eval()
     torch.testing.assert_close(loss_fn.teacher_logits(x), teacher(x))
     trainer.fit()
+
+
+def test_teacher_follows_the_batch_device_and_keeps_its_dtype(tmp_path: Path) -> None:
+    _, teacher = _teacher_file(tmp_path, "plain")
+    teacher64 = teacher.double().eval()
+    loss = DistillationLoss(teacher64)
+    x = torch.randn(4, 1, 8, 8)  # float32 batch, float64 teacher
+    out = loss.teacher_logits(x)
+    assert out.dtype == torch.float64 and not out.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(out, teacher64(x.double()))
+    s = torch.randn(4, 4, requires_grad=True)
+    value = loss(s, torch.zeros(4, dtype=torch.long), x)
+    value.backward()
+    assert s.grad is not None and all(p.grad is None for p in teacher64.parameters())
+    # a teacher on another device is moved to the batch's device (the meta device stands in for a GPU here)
+    meta = torch.empty(4, 1, 8, 8, device="meta")
+    assert loss.teacher_logits(meta).device.type == "meta"
+    assert next(teacher64.parameters()).device.type == "meta"

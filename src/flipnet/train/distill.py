@@ -42,7 +42,8 @@ ResNet-34 ImageNet weights on a machine with internet
 (``python -c "import torchvision; torchvision.models.resnet34(weights='IMAGENET1K_V1')"`` stores
 ``resnet34-b627a593.pth`` in ``~/.cache/torch/hub/checkpoints/``) and copy that file over. The
 teacher must match it exactly: a missing or unexpected key is an error, never silently ignored.
-The teacher runs in eval mode, without gradients, on the student's input batch.
+The teacher runs in eval mode, without gradients, on the student's input batch (moved once to
+that batch's device; the batch is cast to the teacher's dtype).
 """
 
 from __future__ import annotations
@@ -307,10 +308,24 @@ class DistillationLoss(nn.Module):
         return cls(teacher, weight=spec.weight, temperature=spec.temperature, kind=spec.kind)
 
     def teacher_logits(self, inputs: Tensor) -> Tensor:
-        """Teacher outputs on ``inputs`` (no gradients, eval mode)."""
+        """Teacher outputs on ``inputs`` (no gradients, eval mode).
+
+        The teacher follows the batch: it is moved (once) to the device of ``inputs``, and a
+        floating-point batch is cast to the teacher's own dtype (under autocast both run in the
+        autocast dtype), so a teacher built on another device or in another precision than the
+        student still runs.
+        """
         teacher: nn.Module = self.__dict__["teacher"]
         if teacher.training:
             teacher.eval()
+        ref = next(iter(teacher.parameters()), None)
+        if ref is None:
+            ref = next(iter(teacher.buffers()), None)
+        if ref is not None:
+            if ref.device != inputs.device:
+                teacher.to(inputs.device)
+            if inputs.is_floating_point() and ref.is_floating_point() and inputs.dtype != ref.dtype:
+                inputs = inputs.to(ref.dtype)
         with torch.no_grad():
             return teacher(inputs)
 
