@@ -206,6 +206,18 @@ def test_reactnet_and_bireal_net(name: str, kwargs: dict) -> None:
     np.testing.assert_allclose(run_ort(proto, x), ref, atol=TOL * max(1.0, float(np.abs(ref).max())), rtol=0)
 
 
+def test_unet() -> None:
+    torch.manual_seed(0)
+    model = _random_bn(create_model("unet", num_classes=3, base_width=4, depth=2, input_size=32))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    ref = logits(model, x).numpy()
+    proto = export_onnx(model, None, input_shape=(3, 32, 32))
+    assert {"Resize", "Concat"} <= set(ops(proto))
+    got = run_ort(proto, x)
+    assert got.shape == (2, 3, 32, 32)
+    np.testing.assert_allclose(got, ref, atol=TOL * max(1.0, float(np.abs(ref).max())), rtol=0)
+
+
 def test_model_state_is_unchanged(tmp_path: Path) -> None:
     model = create_model("binary_mlp", input_size=8, hidden_sizes=(16,)).train()
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}

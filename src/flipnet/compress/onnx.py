@@ -136,8 +136,12 @@ class OnnxGraph:
         return name
 
     def const(self, hint: str, array: Tensor | Sequence[Any], dtype: torch.dtype | None = None) -> str:
-        """An initializer holding ``array`` (float32 unless ``dtype``/int64 given); equal small
-        constants are shared."""
+        """An initializer holding ``array`` (float32 unless ``dtype``/int64 given).
+
+        Small graph constants (hints without a dot: ``"zero"``, ``"slice_start"``, ...) with equal
+        values are shared; a layer's tensors (``"<layer>.<role>"``) never are, even when equal
+        (a fresh BatchNorm's mean and shift are both zeros): runtimes that fuse layers rewrite a
+        layer's initializers, which must then belong to that layer alone."""
         from onnx import numpy_helper
 
         t = torch.as_tensor(array).detach().cpu()
@@ -146,7 +150,7 @@ class OnnxGraph:
         elif t.is_floating_point():
             t = t.to(torch.float32)
         key = None
-        if t.numel() <= 8:
+        if t.numel() <= 8 and "." not in hint:
             key = (str(t.dtype), tuple(t.shape), tuple(t.reshape(-1).tolist()))
             if key in self._consts:
                 return self._consts[key]
@@ -785,6 +789,47 @@ def _register_reactnets() -> None:
 
 
 _register_reactnets()
+
+
+@register_onnx_handler(nn.Upsample)
+def _upsample(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
+    sf = m.scale_factor  # type: ignore[attr-defined]
+    if m.mode != "nearest" or sf is None or m.size is not None:  # type: ignore[attr-defined]
+        raise ValueError(f"layer {name!r}: only Upsample(scale_factor=..., mode='nearest') can be exported")
+    nd = v.example.dim() - 2
+    factors = [float(f) for f in (sf if isinstance(sf, tuple) else (sf,) * nd)]
+    scales = g.const(name + ".scales", [1.0, 1.0, *factors])
+    # PyTorch's nearest: source index floor(dst / scale), i.e. ONNX "asymmetric" + "floor"
+    return g.node("Resize", [v.name, "", scales], name, m(v.example), mode="nearest",
+                  coordinate_transformation_mode="asymmetric", nearest_mode="floor", binary=v.binary)
+
+
+def _register_unet() -> None:
+    from ..models.unet import BinaryUnit, UNet
+
+    @register_onnx_handler(BinaryUnit)
+    def _unit(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
+        out = emit(g, m.bn, emit(g, m.conv, v, name + ".conv"), name + ".bn")  # type: ignore[arg-type]
+        if m.residual:  # type: ignore[attr-defined]
+            out = g.node("Add", [out.name, v.name], name + ".add", out.example + v.example)
+        return out
+
+    @register_onnx_handler(UNet)
+    def _unet(g: OnnxGraph, m: nn.Module, v: Value, name: str) -> Value:
+        x = emit(g, m.stem, v, "stem")  # type: ignore[arg-type]
+        skips = []
+        for i, enc in enumerate(m.encoder):  # type: ignore[arg-type]
+            x = emit(g, enc, x, f"encoder.{i}")
+            skips.append(x)
+        x = emit(g, m.dropout, skips.pop(), "dropout")  # type: ignore[arg-type]
+        for i in reversed(range(m.depth)):  # type: ignore[attr-defined]
+            up = emit(g, m.up[i], x, f"up.{i}")  # type: ignore[index]
+            cat = g.node("Concat", [up.name, skips[i].name], f"cat.{i}", torch.cat([up.example, skips[i].example], dim=1), axis=1)
+            x = emit(g, m.decoder[i], cat, f"decoder.{i}")  # type: ignore[index]
+        return emit(g, m.head, x, "head")  # type: ignore[arg-type]
+
+
+_register_unet()
 
 
 # ============================================================================ entry point
