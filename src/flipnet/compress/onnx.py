@@ -49,7 +49,7 @@ implementations (PyTorch itself does this between batch sizes), which the tests 
 
 Supported modules: flat ``nn.Sequential`` models (``binarynet``, ``binary_mlp``, their float
 twins), the ResNets (:class:`~flipnet.models.resnet.ResNet` with Bi-Real or basic blocks),
-ReActNet-A and Bi-Real Net 18/34; layers as listed in ``docs/deployment.md``. Handlers for further module types are added with
+ReActNet-A, Bi-Real Net 18/34 and the U-Net; layers as listed in ``docs/deployment.md``. Handlers for further module types are added with
 :func:`register_onnx_handler`.
 """
 
