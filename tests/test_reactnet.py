@@ -286,3 +286,22 @@ def test_reference_checkpoint_names_convert() -> None:
     model.load_state_dict(convert_reference_state_dict(ref_state), strict=True)
     with pytest.raises(ValueError, match="unknown module 'move99'"):
         convert_reference_state_dict({"feature.2.move99.bias": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("small_input", [False, True])
+def test_reactnet_takes_sides_that_are_not_multiples_of_32(small_input: bool) -> None:
+    # the stride-2 convolution gives ceil(H/2); the shortcut pool must too (the reference's floor
+    # crashed with a shape mismatch for e.g. 50x50 or 40x40 inputs)
+    model = create_model("reactnet_a", num_classes=5, base_width=2, small_input=small_input).eval()
+    for h, w in ((50, 50), (40, 41), (16, 17), (225, 223) if not small_input else (33, 35)):
+        assert model(torch.randn(1, 3, h, w)).shape == (1, 5)
+
+
+def test_reactnet_shortcut_pool_is_the_plain_average_on_even_sides() -> None:
+    block = ReActBlock(flipnet.models.common.ModelSpec.create(num_classes=2, in_channels=3), 4, 8, 2)
+    x = torch.randn(2, 4, 6, 8)
+    torch.testing.assert_close(block.pool(x), nn.functional.avg_pool2d(x, 2, 2))
+    odd = torch.randn(1, 4, 5, 5)
+    pooled = block.pool(odd)
+    assert pooled.shape == (1, 4, 3, 3)
+    torch.testing.assert_close(pooled[..., 2, 2], odd[..., 4, 4])  # an edge window averages its valid pixel only

@@ -23,12 +23,15 @@ The sign's gradient is ``approx_sign`` (the reference's piecewise-quadratic ``Bi
 
 **Block** (``ReActBlock``, ``C`` input and ``C'`` output channels, ``C' ∈ {C, 2C}``)::
 
-    y1 = RPReLU1( bn1( conv3x3( RSign1(x) ) ) + shortcut(x) )      shortcut: 2×2 avg-pool if stride 2
+    y1 = RPReLU1( bn1( conv3x3( RSign1(x) ) ) + shortcut(x) )      shortcut: 2×2 avg-pool if stride 2 (*)
     y2 = RPReLU2( bn2( conv1x1( RSign2(y1) ) ) + y1 )               C' = C
     y2 = RPReLU2( concat( bn2a(conv1x1a(RSign2(y1))) + y1,
                           bn2b(conv1x1b(RSign2(y1))) + y1 ) )       C' = 2C (channel duplication)
 
-The 3×3 convolution is a full (not depthwise) binary convolution ``C → C``.
+The 3×3 convolution is a full (not depthwise) binary convolution ``C → C``. (*) The pool rounds
+up (``ceil_mode``, averaging the valid pixels of an edge window), so that any input size works; the
+reference's pool rounds down and needs sides divisible by 32 (16 with ``small_input``), where the
+two are identical.
 
 **Network.** Stage widths ``[32, 64, 128, 128, 256, 256, 512 ×6, 1024, 1024]`` (scaled by
 ``base_width / 32``): a full-precision 3×3 stride-2 stem convolution + BatchNorm (no
@@ -129,7 +132,9 @@ class ReActBlock(nn.Module):
         self.move1 = LearnableBias(in_channels)
         self.conv3x3 = spec.conv(in_channels, in_channels, 3, stride, 1)
         self.bn1 = spec.bn2d(in_channels)
-        self.pool: nn.Module = nn.AvgPool2d(2, 2) if stride == 2 else nn.Identity()
+        # ceil_mode: an odd side gives ceil(H/2) like the stride-2 convolution (the reference's
+        # floor would not match it); for even sides it is the reference's plain 2x2 average
+        self.pool: nn.Module = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride == 2 else nn.Identity()
         self.act1 = RPReLU(in_channels)
         self.move2 = LearnableBias(in_channels)
         self.duplicate = out_channels != in_channels
