@@ -1016,7 +1016,7 @@ def export_run_onnx(
         raise ExportFormatError(str(err)) from None
     n_quant = sum(n.op_type == "BipolarQuant" for n in proto.graph.node)
     folds = json.loads({p.key: p.value for p in proto.metadata_props}["flipnet"])["folds"]
-    what = (f"{len(folds)} BatchNorm layers folded into thresholds" if format == "onnx"
+    what = (f"{len(folds)} BatchNorm layer{'s' if len(folds) != 1 else ''} folded into thresholds" if format == "onnx"
             else f"{n_quant} BipolarQuant nodes" + ("; input Quant INT9, scale 1/255 (8-bit images)" if quant else ""))
     print(f"wrote {path}: {path.stat().st_size:,} bytes, {format} (opset {opset}, {len(proto.graph.node)} nodes; {what})")
     if not verify:
