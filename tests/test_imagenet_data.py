@@ -58,6 +58,12 @@ def test_wrong_class_count_and_empty_split(folder: Path, tmp_path: Path) -> None
         load_dataset("imagenet", root=tmp_path, num_classes=1)
     with pytest.raises(ConfigError, match="crop_scale"):
         _load(folder, crop_scale=(0.5, 0.1))
+    for n in (0, "10", 2.5):  # a ConfigError (one sentence from the CLI), not a bare ValueError
+        with pytest.raises(ConfigError, match="subset size must be a positive integer"):
+            _load(folder, subset=n)
+    for bad in ("abc", 0.5, ["a", "b"], [0.1, True], [0.1, 0.5, 1.0]):  # one sentence, not a raw TypeError/ValueError
+        with pytest.raises(ConfigError, match="crop_scale must be two numbers"):
+            _load(folder, crop_scale=bad)
 
 
 def test_eval_batches_are_center_crops_normalised(folder: Path) -> None:

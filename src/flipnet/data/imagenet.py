@@ -233,7 +233,7 @@ class ImageFolderData:
         """
         for label, n in (("train", train), ("test", test)):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-                raise ValueError(f"{label} subset size must be >= 1, got {n}")
+                raise ConfigError(f"{label} subset size must be a positive integer, got {n!r}")
         info = dict(self.info)
         info["subset"] = {"train": train, "test": test}
         tr, te = _round_robin(self.train_y, train), _round_robin(self.test_y, test)
@@ -521,9 +521,12 @@ def load_imagenet(
             raise ConfigError(f"{name} must be a positive int, got {value!r}")
     if image_size < 8:
         raise ConfigError(f"image_size must be at least 8, got {image_size}")
-    scale = tuple(float(v) for v in crop_scale)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+    values = list(crop_scale) if isinstance(crop_scale, (list, tuple)) else None
+    if (values is None or len(values) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            or not 0 < float(values[0]) <= float(values[1]) <= 1):
         raise ConfigError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {crop_scale!r}")
+    scale = (float(values[0]), float(values[1]))
     if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0):
         raise ConfigError(f"num_workers must be a non-negative int or None, got {num_workers!r}")
     folder = find_image_folder(root)
