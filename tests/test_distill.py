@@ -263,3 +263,17 @@ def test_teacher_follows_the_batch_device_and_keeps_its_dtype(tmp_path: Path) ->
     meta = torch.empty(4, 1, 8, 8, device="meta")
     assert loss.teacher_logits(meta).device.type == "meta"
     assert next(teacher64.parameters()).device.type == "meta"
+
+
+def test_unreadable_teacher_file_never_suggests_unsafe_loading(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": object.__new__(_Unsafe)}, evil)
+    png = tmp_path / "picture.pth"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    for path in (evil, png):
+        with pytest.raises(CheckpointError) as info:
+            read_state_dict(path)
+        message = str(info.value)
+        assert "\n" not in message and "weights_only" not in message and "trusted source" not in message
+        assert "cannot be read as a weights file (not a PyTorch file of tensors only: " in message
+    assert "_Unsafe" in str(pytest.raises(CheckpointError, read_state_dict, evil).value)

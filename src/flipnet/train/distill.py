@@ -201,8 +201,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"teacher checkpoint {p} cannot be read as a weights file ({first[:200]})") from None
+        raise CheckpointError(f"teacher checkpoint {p} cannot be read as a weights file ({_load_failure(e)})") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict):
@@ -214,6 +213,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     ):
         raise CheckpointError(f"teacher checkpoint {p} holds no state dict (a mapping of names to tensors)")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _load_failure(e: Exception) -> str:
+    """The reason in a ``torch.load(weights_only=True)`` failure, without torch's advice to load
+    the file unsafely (flipnet never does: files are data)."""
+    text = str(e).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = " ".join(text.split(marker, 1)[1].split()).split(" Check the documentation")[0].strip()
+        detail = detail.split(" Please use `torch.serialization")[0].strip()
+        return f"not a PyTorch file of tensors only: {detail[:160]}; flipnet reads weights only, never pickled objects"
+    first = (text.splitlines() or [""])[0] or type(e).__name__
+    return first[:200]
 
 
 def _build_teacher_model(name: str, kwargs: Mapping[str, Any], num_classes: int, in_channels: int) -> nn.Module:
