@@ -377,3 +377,13 @@ def test_recipe_mapping_reads_the_schedule_start_and_refuses_what_it_cannot_map(
     # a schedule of the real route only is not the binary route's
     h = hparams_from_recipe(_recipe([{"key": "weight_decay", "route": "real", "type": "linear", "end": 0.0}]))
     assert h.schedule == "constant" and h.weight_decay == 1e-3
+
+
+def test_coupled_sgd_with_a_negative_real_pole_is_not_called_complex() -> None:
+    # lr*wd = 5 > (1 + sqrt(0.9))^2: the discriminant is positive, a pole is real and negative
+    f = flip_filter(LatentHparams(optimizer="sgd", lr=1.0, momentum=0.9, weight_decay=5.0, decoupled=False))
+    assert f.kind == "underdamped" and f.alpha is None
+    assert all(abs(p.imag) < 1e-12 for p in f.poles) and min(p.real for p in f.poles) < 0
+    assert "complex" not in f.notes[0] and "outside (0, 1)" in f.notes[0]
+    g = flip_filter(LatentHparams(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.05, decoupled=False))
+    assert "complex poles" in g.notes[0]

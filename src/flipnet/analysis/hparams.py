@@ -217,9 +217,11 @@ def flip_filter(h: LatentHparams) -> FlipFilter:
         root = cmath.sqrt(disc)
         p1, p2 = (b + root) / 2, (b - root) / 2
         if disc < 0 or not (0 < p2.real and p1.real < 1):
+            why = (f"complex poles |p| = {abs(p1):.6g}" if disc < 0 else
+                   f"a pole at {p2.real:.6g}, outside (0, 1) (lr*wd > (1 + sqrt(momentum))^2: the latent weight changes sign every step)")
             return FlipFilter(
                 kind="underdamped", alpha=None, gamma=None, poles=(p1, p2),
-                notes=(f"coupled weight decay gives complex poles |p| = {abs(p1):.6g}: an oscillating filter with no CEMA equivalent",),
+                notes=(f"coupled weight decay gives {why}: an oscillating filter with no CEMA equivalent",),
             )
         slow, fast = max(p1.real, p2.real), min(p1.real, p2.real)
         gamma, alpha0 = 1 - fast, 1 - slow
