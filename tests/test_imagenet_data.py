@@ -159,6 +159,10 @@ def test_augmentation_lists(folder: Path) -> None:
     assert type(full._dataset.transform.transforms[0]).__name__ == "RandomResizedCrop"
     with pytest.raises(ConfigError, match="'crop'.*'flip'"):
         data.make_loader("train", 6, train=True, device="cpu", augment=["rotate"])
+    named = data.make_loader("train", 6, train=True, device="cpu", augment="flip")  # a name, not its letters
+    assert [type(t).__name__ for t in named._dataset.transform.transforms] == names
+    both = data.make_loader("train", 6, train=True, device="cpu", augment="crop, flip")
+    assert type(both._dataset.transform.transforms[0]).__name__ == "RandomResizedCrop"
 
 
 def test_corrupt_image_in_a_worker_is_one_sentence(folder: Path, tmp_path: Path) -> None:

@@ -307,6 +307,8 @@ class ImageFolderData:
             workers = max(0, min(8, (os.cpu_count() or 1) - 1))
         if isinstance(augment, bool):
             augs: tuple[str, ...] = ("crop", "flip") if augment else ()
+        elif isinstance(augment, str):  # "flip" or "crop,flip", as in a recipe (not its letters)
+            augs = tuple(a.strip() for a in augment.split(",") if a.strip())
         else:
             augs = tuple(augment)
             bad = [a for a in augs if a not in ("crop", "flip")]
