@@ -222,3 +222,37 @@ def test_a_closed_output_pipe_is_not_a_traceback() -> None:
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_sigterm_of_a_multi_seed_run_exits_143(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """seeds=0,1 stops on SIGTERM like one run: every member saved, status 143 (not Ctrl-C's 130)."""
+    import signal
+
+    from flipnet.train.loop import Trainer
+
+    original = Trainer._log_and_save
+
+    def log_then_term(self, m, row):  # the scheduler's SIGTERM arrives while epoch 1 is logged
+        original(self, m, row)
+        if self.epoch == 1 and m is self.members[-1]:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_log_and_save", log_then_term)
+    status = main(["train", *TINY, "train.epochs=3", "seeds=[0,1]", "output.name=grp", "--out", str(tmp_path)])
+    assert status == 143
+    assert "flipnet: terminated" in capsys.readouterr().err
+    for seed in (0, 1):
+        assert load_checkpoint(tmp_path / "grp" / f"seed_{seed}" / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_overrides_after_an_option_are_overrides(tmp_path: Path) -> None:
+    assert main(["train", "--out", str(tmp_path), *TINY, "output.name=late", "train.progress=false"]) == 0
+    assert read_metrics(tmp_path / "late")[0]["epoch"] == 1
+
+
+@pytest.mark.parametrize("argv", [["bogus"], ["train", "--bogus"], ["eval"], ["train", "--out", "x", "--nope"]])
+def test_usage_mistakes_are_one_line_with_status_2(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "error:" in err and "--help" in err

@@ -173,3 +173,79 @@ def test_no_import_cycles_inside_train() -> None:
     cycles = [m for m in edges if m in reach(m, set())]
     assert not cycles, {m: sorted(edges[m]) for m in cycles}
     assert not any("analysis" in str(e) for e in edges.values())
+
+
+def _package_import_graph() -> dict[str, set[str]]:
+    """``module -> modules it imports`` over every file of flipnet (module level and inside
+    functions; ``if TYPE_CHECKING`` blocks left out). ``from pkg import name`` points at
+    ``pkg.name`` when that is a module, else at the package ``pkg`` (its ``__init__``)."""
+    import ast
+    from pathlib import Path
+
+    src = Path(flipnet.__file__).parent.parent
+    files: dict[str, tuple[Path, bool]] = {}
+    for path in (src / "flipnet").rglob("*.py"):
+        parts = list(path.relative_to(src).with_suffix("").parts)
+        package = parts[-1] == "__init__"
+        files[".".join(parts[:-1] if package else parts)] = (path, package)
+
+    def known(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    edges: dict[str, set[str]] = {}
+    for mod, (path, package) in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+        here = mod if package else mod.rpartition(".")[0]
+        out: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([node.module] if node.module else [])])
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in files]
+                targets = subs + ([base] if len(subs) < len(node.names) else [])
+            else:
+                continue
+            out.update(t for t in (known(x) for x in targets if x.startswith("flipnet")) if t and t != mod)
+        edges[mod] = out
+    return edges
+
+
+def test_no_import_cycle_anywhere_in_the_package() -> None:
+    """Issue #9: no cycle between flipnet's files, also through imports inside functions."""
+    edges = _package_import_graph()
+    assert "flipnet.train.loop" in edges and "flipnet.train.build" in edges["flipnet.train.loop"]
+
+    def reach(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for nxt in edges.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    cycles = sorted(m for m in edges if m in reach(m))
+    assert not cycles, {m: sorted(e for e in edges[m] if m in reach(e)) for m in cycles}
+
+
+def test_the_core_never_imports_the_layers_above_it() -> None:
+    edges = _package_import_graph()
+    core = ("flipnet.quantizers", "flipnet.layers", "flipnet.functional", "flipnet.optim", "flipnet.models", "flipnet.data")
+    above = ("flipnet.train", "flipnet.analysis", "flipnet.compress", "flipnet.cli")
+    bad = {m: sorted(e for e in deps if e.startswith(above)) for m, deps in edges.items()
+           if m.startswith(core) and any(e.startswith(above) for e in deps)}
+    assert not bad, bad
+    compress_up = {m: sorted(e for e in deps if e.startswith(("flipnet.train", "flipnet.analysis")))
+                   for m, deps in edges.items() if m.startswith("flipnet.compress")}
+    assert not any(compress_up.values()), compress_up

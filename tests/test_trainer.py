@@ -6,6 +6,8 @@ import csv
 import importlib.util
 import json
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -462,7 +464,7 @@ def test_thread_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_threads(None, small, cpu) == (1, "small model (20 parameters)")
     assert choose_threads(3, small, cpu) == (3, "train.threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert choose_threads(None, small, cpu) == (torch.get_num_threads(), "OMP_NUM_THREADS")
+    assert choose_threads(None, small, cpu) == (2, "OMP_NUM_THREADS")  # the environment's, not what torch was last set to
     with pytest.raises(ConfigError, match="train.threads"):
         choose_threads(0, small, cpu)
 
@@ -484,3 +486,80 @@ def test_library_form_trains_parts_built_by_hand(tmp_path: Path) -> None:
                       loss_fn=lambda out, y: torch.nn.functional.cross_entropy(out, y, label_smoothing=0.1))
     row = trainer.fit()
     assert trainer.model is model and row["epoch"] == 1 and (trainer.run_dir / "checkpoints" / "last.pt").is_file()
+
+
+# --------------------------------------------------------------------------- what is logged is what was set
+def test_first_row_logs_the_set_values_under_per_step_schedules(tmp_path: Path) -> None:
+    """A per-step cosine moves the lr during epoch 1; its row shows the lr its first step used
+    (the recipe's), and each later row the lr at that epoch's first step."""
+    config = tiny(tmp_path, "optim.real_kwargs.lr=0.05", "optim.binary_kwargs.lr=0.02",
+                  "optim.schedules=[{key: lr, type: cosine, unit: step}]", recipe="digits_adam")
+    trainer = Trainer.from_config(config)
+    trainer.fit()
+    rows = read_metrics(trainer.run_dir)
+    assert (rows[0]["real/lr"], rows[0]["binary/lr"]) == (0.05, 0.02)
+    half = 0.05 * 0.5 * (1 + math.cos(math.pi * 0.5))  # epoch 2 starts half way through the cosine
+    assert rows[1]["real/lr"] == pytest.approx(half, rel=1e-9)
+
+
+def test_resumed_run_keeps_its_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default thread count depends on the machine; a resume uses the run's own, and an
+    explicit other count is a trajectory change (refused without --force)."""
+    from flipnet.train.build import choose_threads
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.from_config(tiny(tmp_path, "train.threads=2"), callbacks=[_StopAfterEpoch(1)]).fit()
+    run = tmp_path / "run"
+    config = load_config(run / "config.yaml", ["train.threads=null"])  # back to the machine's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # which would now be 1
+    assert choose_threads(None, torch.nn.Linear(2, 2), torch.device("cpu"))[1] == "OMP_NUM_THREADS"
+    resumed = Trainer.from_config(config, resume=run)
+    assert (resumed.threads, resumed._threads_reason) == (2, "the run's own, resumed")
+    with pytest.raises(ConfigError, match=r"train\.threads.*--force"):
+        Trainer.from_config(load_config(run / "config.yaml", ["train.threads=1"]), resume=run)
+
+
+class _StopAfterEpoch(Callback):
+    """Ctrl-C at the end of epoch ``n``: the trainer saves that epoch, then stops."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        if trainer.epoch == self.n:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_interrupt_while_an_epoch_closes_keeps_the_last_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A second Ctrl-C (or a callback's KeyboardInterrupt) during evaluation/logging must not save
+    a checkpoint of an epoch whose row is missing: the run would be unresumable."""
+    class BreakInEpoch2(Callback):
+        def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+            if trainer.epoch == 2:
+                raise KeyboardInterrupt
+
+    config = tiny(tmp_path, "train.epochs=3")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.from_config(config, callbacks=[BreakInEpoch2()]).fit()
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert "kept the last checkpoint (epoch 1" in capsys.readouterr().out
+    resumed = Trainer.from_config(load_config(run / "config.yaml"), resume=run)
+    resumed.fit()
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+def test_restart_before_the_first_checkpoint_records_the_recipe_it_runs(tmp_path: Path) -> None:
+    """--resume of a run that died before its first checkpoint starts over with the given
+    overrides; config.yaml must say so (it is what a later resume and flipnet eval read)."""
+    class DieEarly(Callback):
+        def on_step_end(self, trainer: Trainer) -> None:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        Trainer.from_config(tiny(tmp_path), callbacks=[DieEarly()]).fit()
+    run = tmp_path / "run"
+    Trainer.from_config(load_config(run / "config.yaml", ["train.epochs=1", "seed=7"]), resume=run).fit()
+    saved = load_config(run / "config.yaml")
+    assert (saved.train.epochs, saved.seed) == (1, 7)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["seed"] == 7

@@ -27,9 +27,17 @@ __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 COMMAND_MODULES: tuple[str, ...] = ("flipnet.cli.train", "flipnet.cli.results", "flipnet.cli.analysis", "flipnet.cli.compress", "flipnet.cli.hparams")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage mistake as one line on stderr (exit status 2), like every other
+    flipnet error; the sub-command parsers inherit it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``flipnet`` argument parser with every sub-command."""
-    parser = argparse.ArgumentParser(prog="flipnet", description="Train, understand and compress binary neural networks.")
+    parser = _Parser(prog="flipnet", description="Train, understand and compress binary neural networks.")
     parser.add_argument("--version", action="version", version=f"flipnet {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -40,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``flipnet`` command line; returns the exit status."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        # `flipnet train RECIPE --out DIR key=value`: overrides after an option are still overrides
+        if getattr(ns, "command", None) == "train" and all("=" in a and not a.startswith("-") for a in extra):
+            ns.args = [*ns.args, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func = getattr(ns, "func", None)
     if func is None:
         parser.print_help()
@@ -52,7 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FlipnetError as e:
         print(f"flipnet {ns.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # the trainer saved first (flipnet.train.callbacks.Stopped carries the signal)
+        import signal
+
+        if getattr(e, "signum", None) == signal.SIGTERM:
+            print("flipnet: terminated", file=sys.stderr)
+            return 143
         print("flipnet: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `flipnet recipes | head -1`: the reader left, nothing to report

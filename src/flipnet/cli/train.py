@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +109,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _fit(config: Any, *, resume: str | None, force: bool, cleanup: Any) -> int:
-    """One run; SIGTERM (after the trainer saved) exits with 143, Ctrl-C with 130."""
-    import signal
-
+    """One run (the exit status of Ctrl-C and SIGTERM is :func:`flipnet.cli.main`'s)."""
     from flipnet.train.loop import Trainer
 
     callbacks = []
@@ -120,15 +117,8 @@ def _fit(config: Any, *, resume: str | None, force: bool, cleanup: Any) -> int:
         from flipnet.analysis.flips import SignTracker
 
         callbacks.append(SignTracker())
-    trainer = None
     try:
-        trainer = Trainer.from_config(config, callbacks, resume=resume, force=force)
-        trainer.fit()
-    except KeyboardInterrupt:
-        if trainer is not None and trainer.stop_signal == signal.SIGTERM:
-            print("flipnet: terminated", file=sys.stderr)
-            return 143
-        raise
+        Trainer.from_config(config, callbacks, resume=resume, force=force).fit()
     finally:
         cleanup()
     return 0

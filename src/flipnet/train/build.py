@@ -116,22 +116,36 @@ def choose_threads(requested: int | None, model: nn.Module | None, device: torch
     * on CUDA, torch's default.
 
     The same thread count and seed give the same weights; another thread count may sum in
-    another order, so results agree only to rounding.
+    another order, so results agree only to rounding. Hence a resumed run keeps the count stored
+    in its checkpoint (the trainer does not call this then), and an explicit other
+    ``train.threads`` on ``--resume`` is refused without ``--force`` (:func:`read_resume`).
     """
-    import torch
-
+    default = _torch_default_threads()  # read before any run in this process changes it
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise ConfigError(f"train.threads must be a positive integer or null, got {requested!r}")
         return requested, "train.threads"
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
-        return torch.get_num_threads(), "OMP_NUM_THREADS"
+        return int(env), "OMP_NUM_THREADS"
     if device.type == "cpu" and model is not None:
         n = sum(p.numel() for p in model.parameters())
         if n < SMALL_MODEL_PARAMS:
             return 1, f"small model ({n:,} parameters)"
-    return torch.get_num_threads(), "torch default"
+    return default, "torch default"
+
+
+_DEFAULT_THREADS: list[int] = []
+
+
+def _torch_default_threads() -> int:
+    """torch's thread count before any trainer set it (a trainer's ``torch.set_num_threads`` is
+    process-wide; the next run in the process must not inherit it as its "default")."""
+    import torch
+
+    if not _DEFAULT_THREADS:
+        _DEFAULT_THREADS.append(torch.get_num_threads())
+    return _DEFAULT_THREADS[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,6 +591,11 @@ def read_resume(configs: Sequence[Config], labels: Sequence[str], resume: str | 
                                       extra_new={"world_size": env_world_size()}):
             if key not in changes:
                 changes.append(key)
+        # The run keeps its thread count (the trainer reuses the stored one); an explicit other
+        # count sums in another order, so it changes the trajectory too.
+        saved_threads, threads = (ck.get("meta") or {}).get("threads"), getattr(cfg.train, "threads", None)
+        if threads is not None and saved_threads is not None and int(threads) != int(saved_threads) and "train.threads" not in changes:
+            changes.append("train.threads")
     if changes and not force:
         raise ConfigError(
             f"--resume {path} would change {', '.join(changes)}, which alters the training trajectory; "

@@ -24,7 +24,8 @@ from flipnet.errors import CheckpointError
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer
 
-__all__ = ["Callback", "MetricsLogger", "TensorBoardLogger", "ProgressBar", "StopSignals", "summarize", "write_summary", "write_group_files"]
+__all__ = ["Callback", "MetricsLogger", "TensorBoardLogger", "ProgressBar", "StopSignals", "Stopped", "summarize", "write_summary",
+           "write_group_files"]
 
 
 class Callback:
@@ -223,6 +224,20 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class Stopped(KeyboardInterrupt):
+    """What :meth:`flipnet.train.Trainer.fit` raises after Ctrl-C or SIGTERM saved the run.
+
+    A :class:`KeyboardInterrupt` (so ``except KeyboardInterrupt`` still catches it) that carries
+    the signal: ``signum`` is ``signal.SIGINT``, ``signal.SIGTERM``, or ``None`` (a
+    ``KeyboardInterrupt`` raised inside the loop). The ``flipnet`` command exits with
+    ``128 + signum`` (130, 143) for one run and for several seeds alike.
+    """
+
+    def __init__(self, signum: int | None = None) -> None:
+        super().__init__()
+        self.signum = signum
 
 
 class StopSignals:

@@ -41,7 +41,7 @@ from flipnet.metrics import FlipRatio
 from flipnet.utils import atomic_write_text, seed_everything
 
 from . import build
-from .callbacks import Callback, MetricsLogger, ProgressBar, StopSignals, TensorBoardLogger
+from .callbacks import Callback, MetricsLogger, ProgressBar, StopSignals, Stopped, TensorBoardLogger
 from .checkpoint import get_rng_state, save_checkpoint, set_rng_state
 from .config import Config, config_to_dict, dump_config
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed
@@ -185,12 +185,11 @@ class Trainer:
         from .distill import loss_from_config
 
         self._setup(members, data, device, callbacks, run_dirs=run_dirs, ckpts=ckpts, ensemble=ensemble,
-                    loss_fn=loss_from_config(base, data, device),
-                    rewrite_config=resume is None or bool(changes))
+                    loss_fn=loss_from_config(base, data, device))
 
     def _setup(self, members: list[Member], data: Any, device: torch.device, callbacks: Sequence[Callback], *,
                run_dirs: list[Path] | None = None, ckpts: list[dict] | None = None, ensemble: SeedEnsemble | None = None,
-               loss_fn: Callable | None = None, rewrite_config: bool = True) -> None:
+               loss_fn: Callable | None = None) -> None:
         self.members, self.data, self.device, self.callbacks = members, data, device, list(callbacks)
         self.is_main = self.dist.is_main
         t = members[0].config.train
@@ -198,11 +197,18 @@ class Trainer:
         self.amp_dtype = self.precision.amp_dtype
         for m in members:
             self.precision.apply(m.model)
-        self.threads, self._threads_reason = build.choose_threads(getattr(t, "threads", None), members[0].model, device)
+        stored_threads = (ckpts[0].get("meta") or {}).get("threads") if ckpts else None
+        if ckpts and getattr(t, "threads", None) is None and isinstance(stored_threads, int) and stored_threads > 0:
+            # another thread count may sum in another order: a resumed run keeps the one it ran with
+            self.threads, self._threads_reason = stored_threads, "the run's own, resumed"
+        else:
+            self.threads, self._threads_reason = build.choose_threads(getattr(t, "threads", None), members[0].model, device)
         torch.set_num_threads(self.threads)
         self.epoch = self.step = self.batch_in_epoch = 0
         self._active, self._partial = 0, None
-        self._stop_shared = self._in_step = False
+        self._epoch_hparams: list[dict[str, float]] | None = None  # per member, at the epoch's first step
+        self._stop_shared = self._in_step = self._closing_epoch = False
+        self._last_saved: tuple[int, int] | None = None  # (epoch, step) of the newest last.pt
         self._signals = StopSignals(announce=self.is_main)
         self.ensemble = ensemble
         self._build_step(loss_fn)
@@ -218,7 +224,8 @@ class Trainer:
         if ckpts:
             for m, ck in zip(members, ckpts):
                 self._restore(m, ck)
-        self._open_folders(run_dirs, resumed=ckpts is not None, rewrite_config=rewrite_config)
+            self._last_saved = (self.epoch, self.step)
+        self._open_folders(run_dirs, resumed=ckpts is not None)
         self.bar = ProgressBar(t.progress, self.is_main)
 
     def _build_step(self, loss_fn: Callable | None) -> None:
@@ -256,7 +263,10 @@ class Trainer:
         except TypeError:
             raise ConfigError("the training loader has no length; flipnet needs a sized loader") from None
 
-    def _open_folders(self, run_dirs: list[Path] | None, *, resumed: bool, rewrite_config: bool) -> None:
+    def _open_folders(self, run_dirs: list[Path] | None, *, resumed: bool) -> None:
+        """Create or reopen the run folders; ``config.yaml`` always records the recipe that runs
+        (also on a resume: a restart before the first checkpoint, ``--force`` changes, or keys that
+        do not alter the trajectory, such as ``train.eval_every``)."""
         base = self.members[0].config
         if self._group is not None:
             group_dir, group_config = self._group
@@ -275,10 +285,9 @@ class Trainer:
                 m.logger = MetricsLogger(m.run_dir, keep_until_epoch=self.epoch if resumed else None)
         for m in self.members:
             if self.is_main:
-                if rewrite_config:
-                    self._write(m.run_dir / "config.yaml", dump_config(m.config))
+                self._write(m.run_dir / "config.yaml", dump_config(m.config))
                 m.tb = TensorBoardLogger(m.run_dir, m.config.train.tensorboard, self.epoch)
-        if self._group is not None and self.is_main and self._group[1] is not None and rewrite_config:
+        if self._group is not None and self.is_main and self._group[1] is not None:
             self._write(self._group[0] / "config.yaml", dump_config(self._group[1]))
 
     # ----------------------------------------------------------------- the active member
@@ -324,6 +333,8 @@ class Trainer:
         if self._partial is not None:
             p = self._partial
             state["partial"] = {"sums": p["sums"][i], "n_samples": p["n_samples"], "n_targets": p["n_targets"]}
+            if self._epoch_hparams is not None:
+                state["partial"]["hparams"] = dict(self._epoch_hparams[i])
         return state
 
     def _restore(self, m: Member, ckpt: dict[str, Any]) -> None:
@@ -350,6 +361,10 @@ class Trainer:
                 self._partial = {"sums": torch.zeros(len(self.members), 2), "n_samples": int(partial["n_samples"]),
                                  "n_targets": int(partial["n_targets"])}
             self._partial["sums"][i] = partial["sums"].reshape(2).to(torch.float32).cpu()
+            if isinstance(partial.get("hparams"), dict):  # the values this epoch started with (its metrics row)
+                if self._epoch_hparams is None:
+                    self._epoch_hparams = [{} for _ in self.members]
+                self._epoch_hparams[i] = {str(k): float(v) for k, v in partial["hparams"].items()}
         if "rng" in ckpt:  # written by rank 0; every rank starts from the same seed, so the states agree anyway
             set_rng_state(ckpt["rng"])
 
@@ -362,6 +377,8 @@ class Trainer:
     def _save(self, m: Member, name: str, state: dict[str, Any] | None = None) -> None:
         if self.is_main:
             save_checkpoint(m.run_dir / "checkpoints" / f"{name}.pt", state if state is not None else self.state_dict(m))
+        if name == "last":
+            self._last_saved = (self.epoch, self.step)
 
     def _print(self, msg: str) -> None:
         if self.is_main:
@@ -382,9 +399,10 @@ class Trainer:
         for m, what in zip(self.members, found):
             if what is not None:
                 run = f"run {m.label}: " if len(self.members) > 1 else ""
+                kept = (f"The last good checkpoint ({m.run_dir / 'checkpoints' / 'last.pt'}, epoch {self._last_saved[0]}, "
+                        f"step {self._last_saved[1]}) was kept" if self._last_saved else "No checkpoint had been written yet")
                 raise TrainingDiverged(
-                    f"{run}{what} became NaN/inf {where}; stopped. The last good checkpoint "
-                    f"({m.run_dir / 'checkpoints' / 'last.pt'}, epoch {self.epoch}) was kept. "
+                    f"{run}{what} became NaN/inf {where}; stopped. {kept}. "
                     "Lower the learning rate / Bop gamma or set train.grad_clip"
                 )
         return stop
@@ -399,8 +417,9 @@ class Trainer:
         Raises:
             TrainingDiverged: NaN/inf in the loss, weights, BatchNorm statistics or gradients (the
                 last good checkpoint is kept, NaN is never saved).
-            KeyboardInterrupt: Ctrl-C or SIGTERM, after saving ``checkpoints/last.pt`` (resume with
-                ``flipnet train --resume RUN``); :attr:`stop_signal` says which signal.
+            flipnet.train.callbacks.Stopped: (a ``KeyboardInterrupt``) Ctrl-C or SIGTERM, after
+                saving ``checkpoints/last.pt`` (resume with ``flipnet train --resume RUN``); its
+                ``signum`` and :attr:`stop_signal` say which signal.
         """
         t = self.config.train
         for m in self.members:
@@ -426,7 +445,7 @@ class Trainer:
                 self._print(final_line(self, self.epoch - first_epoch, time.perf_counter() - started))
         except (_StopRequested, KeyboardInterrupt):
             self._interrupted()
-            raise KeyboardInterrupt from None
+            raise Stopped(self._signals.signal) from None
         finally:
             self._signals.restore()
             self.bar.close()
@@ -457,8 +476,10 @@ class Trainer:
             self._print(f"interrupted {where}; saved {self.run_dir / 'checkpoints' / 'last.pt'}"
                         f"{' (and the other members)' if len(self.members) > 1 else ''}. Continue with: flipnet train --resume {resume}")
         else:
-            self._print(f"interrupted inside a step; kept the last checkpoint (end of epoch {self.epoch}). "
-                        f"Continue with: flipnet train --resume {resume}")
+            what = "inside a step" if self._in_step and not self._closing_epoch else f"while closing epoch {self.epoch}"
+            kept = (f"kept the last checkpoint (epoch {self._last_saved[0]}, step {self._last_saved[1]})"
+                    if self._last_saved else "no checkpoint was written yet")
+            self._print(f"interrupted {what}; {kept}. Continue with: flipnet train --resume {resume}")
 
     def _batches(self) -> Iterable[tuple[Tensor, Tensor]]:
         if len(self.train_loaders) == 1:
@@ -483,6 +504,10 @@ class Trainer:
         for m in self.members:
             if not skip and m.flip_ratio is not None:
                 m.flip_ratio.reset()
+        if not skip or self._epoch_hparams is None or not all(self._epoch_hparams):
+            # The row of an epoch logs the hyperparameters its first step used: the recipe's values
+            # in the first row, even when a per-step schedule moves them during the epoch.
+            self._epoch_hparams = [self.hyperparameters(m) for m in self.members]
         self.bar.start(self.steps_per_epoch, skip, f"epoch {epoch + 1}/{t.epochs}")
         step_scheds = [sc for m in self.members for sc in m.schedulers if getattr(sc, "unit", "step") == "step"]
         every = t.nan_check_every
@@ -516,10 +541,19 @@ class Trainer:
         self._end_epoch(sums, n_samples, n_targets, started)
 
     def _end_epoch(self, sums: Tensor, n_samples: int, n_targets: int, started: float) -> None:
+        # Until every member's row is logged and saved, the state is neither the end of the epoch
+        # nor its last step (epoch schedules stepped, epoch counted, rows missing): an interrupt
+        # here keeps the last checkpoint instead of saving one that a resume would refuse.
+        self._in_step = self._closing_epoch = True
+        self._close_epoch(sums, n_samples, n_targets, started)  # an exception leaves the flags set for _interrupted
+        self._in_step = self._closing_epoch = False
+
+    def _close_epoch(self, sums: Tensor, n_samples: int, n_targets: int, started: float) -> None:
         t, s = self.config.train, len(self.members)
         totals = all_reduce_sum(torch.cat([sums.double().reshape(-1), torch.tensor([n_samples, n_targets], device=self.device, dtype=torch.float64)])).tolist()
         samples, targets = max(totals[-2], 1), max(totals[-1], 1)
-        hparams = [self.hyperparameters(m) for m in self.members]  # the values used during this epoch
+        hparams = self._epoch_hparams or [self.hyperparameters(m) for m in self.members]  # at the epoch's first step
+        self._epoch_hparams = None
         for m in self.members:
             for sc in m.schedulers:
                 if getattr(sc, "unit", "step") == "epoch":
