@@ -208,9 +208,18 @@ _ACT_SPECS: dict[type, Callable[[Any], dict[str, Any] | None]] = {
     nn.Sigmoid: lambda m: {"op": "sigmoid"},
     nn.Hardtanh: lambda m: {"op": "hardtanh", "min": float(m.min_val), "max": float(m.max_val)},
     nn.GELU: lambda m: {"op": "gelu", "approximate": str(m.approximate)},
-    nn.Softmax: lambda m: {"op": "softmax", "dim": m.dim},
-    nn.LogSoftmax: lambda m: {"op": "log_softmax", "dim": m.dim},
+    nn.Softmax: lambda m: {"op": "softmax", "dim": _explicit_dim(m)},
+    nn.LogSoftmax: lambda m: {"op": "log_softmax", "dim": _explicit_dim(m)},
 }
+
+
+def _explicit_dim(m: nn.Module) -> int:
+    """The ``dim`` of a softmax layer; ``dim=None`` (torch's implicit, deprecated choice) is refused."""
+    dim = getattr(m, "dim", None)
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise ValueError(f"a {type(m).__name__} without an explicit integer dim cannot be exported; "
+                         f"build it with dim=1 (or the dim you mean)")
+    return dim
 
 
 def _int_dim(spec: Mapping[str, Any]) -> int:
@@ -253,7 +262,10 @@ def act_spec(m: nn.Module | None, where: str) -> dict[str, Any] | None:
         raise ValueError(f"{where}: {err}") from None
     if fn is None:
         raise ValueError(f"{where}: cannot export a {type(m).__name__}; supported layers are listed in docs/deployment.md")
-    return fn(m)
+    try:
+        return fn(m)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def act_module(spec: Any) -> nn.Module:
@@ -506,7 +518,9 @@ def _encode_batchnorm(name: str, m: nn.Module, enc: Encoder) -> list[Entry]:
     _same_forward(name, m, nn.BatchNorm1d, nn.BatchNorm2d)
     e = Entry("batchnorm", name, num_features=int(m.num_features), eps=float(m.eps),
               dims=1 if isinstance(m, nn.BatchNorm1d) else 2)
-    if m.running_mean is not None and m.running_var is not None and m.track_running_stats:
+    # eval mode normalises with the running statistics whenever the buffers exist, even with
+    # track_running_stats=False set after construction (torch's _BatchNorm.forward)
+    if m.running_mean is not None and m.running_var is not None:
         e.tensors["running_mean"] = m.running_mean.detach().float().contiguous()
         e.tensors["running_var"] = m.running_var.detach().float().contiguous()
     if m.weight is not None:
@@ -526,14 +540,17 @@ def _decode_batchnorm(r: Reader) -> list[nn.Module]:
     var = r.tensor("running_var", torch.float32, (n,), optional=True)
     gamma = r.tensor("weight", torch.float32, (n,), optional=True)
     beta = r.tensor("bias", torch.float32, (n,), optional=True)
+    if (mean is None) != (var is None):
+        raise r.fail("running_mean and running_var must come together")
     cls = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
-    bn = cls(n, eps=float(eps), affine=True, track_running_stats=mean is not None)
+    # buffers only for what the file holds: ``num_features`` alone never allocates anything
+    affine = gamma is not None or beta is not None
+    bn = cls(n, eps=float(eps), affine=affine, track_running_stats=mean is not None)
     with torch.no_grad():
-        bn.weight.copy_(gamma if gamma is not None else torch.ones(n))
-        bn.bias.copy_(beta if beta is not None else torch.zeros(n))
+        if affine:
+            bn.weight.copy_(gamma if gamma is not None else torch.ones(n))
+            bn.bias.copy_(beta if beta is not None else torch.zeros(n))
         if mean is not None:
-            if var is None:
-                raise r.fail("running_mean without running_var")
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
     return [bn.eval()]
@@ -694,9 +711,10 @@ def _decode_bias_add(r: Reader) -> list[nn.Module]:
     n = r.get("channels", int)
     if n < 1:
         raise r.fail("invalid channel count")
+    bias = r.tensor("bias", torch.float32, (n,))  # checked before anything of size n is allocated
     layer = LearnableBias(n)
     with torch.no_grad():
-        layer.bias.copy_(r.tensor("bias", torch.float32, (n,)).view(1, n, 1, 1))  # type: ignore[union-attr]
+        layer.bias.copy_(bias.view(1, n, 1, 1))  # type: ignore[union-attr]
     return [layer]
 
 
@@ -711,9 +729,10 @@ def _decode_prelu(r: Reader) -> list[nn.Module]:
     n = r.get("num_parameters", int)
     if n < 1:
         raise r.fail("invalid num_parameters")
+    weight = r.tensor("weight", torch.float32, (n,))  # checked before anything of size n is allocated
     layer = nn.PReLU(n)
     with torch.no_grad():
-        layer.weight.copy_(r.tensor("weight", torch.float32, (n,)))  # type: ignore[arg-type]
+        layer.weight.copy_(weight)  # type: ignore[arg-type]
     return [layer]
 
 
