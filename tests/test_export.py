@@ -495,6 +495,10 @@ def test_cli_summary_refuses_export_files_and_wrong_input_sizes(tmp_path: Path, 
     assert main(["summary", "digits_bop", "--input-size", "1", "1"]) == 2
     err = capsys.readouterr().err
     assert "does not fit the model" in err and len(err.strip().splitlines()) == 1
+    # a size whose layers cannot even be allocated: one sentence, not an allocator traceback
+    assert main(["summary", "digits_bop", "--input-size", "1", "1", "100000", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot build the model" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_version_is_the_lowest_that_describes_the_file(tmp_path: Path) -> None:

@@ -190,7 +190,13 @@ def cmd_summary(ns: argparse.Namespace) -> int:
             raise ConfigError(f"--input-size must be positive ints, got {size}")
         if len(size) < 2:
             raise ConfigError(f"--input-size needs at least a batch and a channel size, got {list(size)}")
-    model = _model_for_summary(ns.target, ns.num_classes, size)
+    try:
+        model = _model_for_summary(ns.target, ns.num_classes, size)
+    except (RuntimeError, MemoryError) as err:  # e.g. --input-size so large that the layers cannot be allocated
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"cannot build the model of {ns.target}"
+                          + (f" for --input-size {' '.join(map(str, size))}" if size is not None else "")
+                          + f": {first}") from None
     model.eval()
     if size is None:
         shape = getattr(model, "input_shape", None)
