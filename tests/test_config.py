@@ -389,3 +389,36 @@ def test_augment_names_in_a_file_may_be_one_string(tmp_path: Path) -> None:
     path.write_text("data: {augment: rotate}\n")
     with pytest.raises(ConfigError, match=r"data.augment\[0\] must be crop or flip, got 'rotate'"):
         load_config(path)
+
+
+def test_the_old_amp_override_replaces_a_recipes_precision() -> None:
+    """Paper recipes set ``precision: fp32``; ``train.amp=true`` on the command line used to be refused
+    as a disagreement with a key the user cannot unset from the command line."""
+    assert load_config("bop_cifar10").train.precision == "fp32"
+    assert load_config("bop_cifar10", ["train.amp=true"]).train.precision == "bf16"
+    assert load_config("bop_cifar10", ["train.amp=auto"]).train.precision == "auto"
+    assert load_config({"train": {"amp": True}}, ["train.precision=tf32"]).train.precision == "tf32"
+    # two overrides, or one file, that disagree are still an error
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config("bop_cifar10", ["train.amp=true", "train.precision=fp32"])
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config({"train": {"amp": True, "precision": "fp32"}})
+
+
+def test_shipped_recipes_are_listed_with_libyaml_and_user_files_keep_the_limits(tmp_path: Path, monkeypatch) -> None:
+    from flipnet.train import config as cfg
+
+    if not getattr(yaml, "__with_libyaml__", False):
+        pytest.skip("PyYAML without libyaml")
+    slow = {p.stem: str((cfg._load_yaml_text(p.read_text(encoding="utf-8")) or {}).get("description", ""))
+            for p in sorted(cfg._recipes_dir().glob("*.yaml"))}
+
+    def limited(*args, **kwargs):
+        raise AssertionError("list_recipes parsed a shipped recipe with the pure-Python loader")
+
+    monkeypatch.setattr(cfg._LimitedLoader, "compose_document", limited)
+    assert list_recipes() == slow and len(slow) > 20
+    path = tmp_path / "r.yaml"
+    path.write_text("name: mine\n")
+    with pytest.raises(AssertionError, match="pure-Python loader"):  # a user's file still goes through the limits
+        load_config(path)

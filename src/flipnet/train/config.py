@@ -658,6 +658,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     import copy
 
     out = copy.deepcopy(raw) if raw else {}
+    overridden: set[tuple[str, ...]] = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
@@ -681,7 +682,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
                 raise ConfigError(f"override {item!r}: {where} is not a mapping, so it has no key {parts[i + 1]!r}")
             node = child
         node[parts[-1]] = value
+        overridden.add(tuple(parts))
+        # train.amp is the old name of train.precision: an override of either replaces the
+        # recipe's value of the other (a conflict is only an error when both come from the same
+        # place, e.g. two overrides or one recipe file).
+        if tuple(parts) in _PRECISION_KEYS:
+            other = _PRECISION_KEYS[0] if tuple(parts) == _PRECISION_KEYS[1] else _PRECISION_KEYS[1]
+            if other not in overridden and isinstance(node, dict):
+                node.pop(other[-1], None)
     return out
+
+
+_PRECISION_KEYS: tuple[tuple[str, ...], tuple[str, ...]] = (("train", "precision"), ("train", "amp"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,12 +704,25 @@ def _recipes_dir() -> Path:
     return Path(str(resources.files("flipnet") / "recipes"))
 
 
+def _load_shipped_yaml(text: str) -> Any:
+    """Parse a recipe shipped with flipnet: libyaml's ``CSafeLoader`` when PyYAML was built with it.
+
+    Shipped recipes are part of the package, not user input, so the node limits of
+    :class:`_LimitedLoader` (pure Python, about 6 ms per recipe) are not needed to list them;
+    every file a user names still goes through :func:`_load_yaml_text`.
+    """
+    loader = getattr(yaml, "CSafeLoader", None)
+    if loader is None:
+        return _load_yaml_text(text)
+    return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+
+
 def list_recipes() -> dict[str, str]:
     """Recipe names shipped with flipnet (sorted) mapped to their one-line description."""
     out: dict[str, str] = {}
     for path in sorted(_recipes_dir().glob("*.yaml")):
         try:
-            raw = _load_yaml_text(path.read_text(encoding="utf-8")) or {}
+            raw = _load_shipped_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {path} is not valid YAML: {_one_line(e)}") from None
         out[path.stem] = str(raw.get("description", "")) if isinstance(raw, dict) else ""
