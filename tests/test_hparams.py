@@ -387,3 +387,11 @@ def test_coupled_sgd_with_a_negative_real_pole_is_not_called_complex() -> None:
     assert "complex" not in f.notes[0] and "outside (0, 1)" in f.notes[0]
     g = flip_filter(LatentHparams(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.05, decoupled=False))
     assert "complex poles" in g.notes[0]
+
+
+def test_cli_recipe_with_a_latent_clip_says_the_filter_is_approximate(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["hparams", "--recipe", "adam_cifar10", "--train-size", "45000"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.weight_clip=1" in out and "only while the latent weights stay inside the clip" in out
+    assert main(["hparams", "--recipe", "cema_cifar10", "--train-size", "45000"]) == 0
+    assert "weight_clip=" not in capsys.readouterr().out

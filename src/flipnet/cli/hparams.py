@@ -132,6 +132,13 @@ def cmd_hparams(ns: argparse.Namespace) -> int:
             check_plottable(h, ns.out, overwrite=ns.force)
         print(f"recipe {config.name}: binary optimizer {config.optim.binary} {dict(config.optim.binary_kwargs)}, "
               f"batch {config.data.batch_size}, {config.train.epochs} epochs")
+        clips = [f"optim.weight_clip={config.optim.weight_clip:g}"] if config.optim.weight_clip is not None else []
+        model_clip = dict(config.model.kwargs).get("weight_clip")
+        if model_clip is not None:
+            clips.append(f"model.kwargs.weight_clip={model_clip:g}")
+        if clips:
+            print(f"note: {' and '.join(clips)} clip(s) the latent weights (and the STE gradient): the filter below "
+                  "describes the training only while the latent weights stay inside the clip")
         print()
         print(report(h))
         if ns.out:
