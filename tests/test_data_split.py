@@ -187,3 +187,70 @@ def test_host_and_device_loaders_agree_on_lone_samples_and_crop_only() -> None:
     assert len(gpu) == len(host) == 5 and gpu.drops_lone_sample and host.drops_lone_sample
     for (xg, yg), (xh, yh) in zip(gpu, host):
         assert torch.equal(xg, xh) and torch.equal(yg, yh)
+
+
+# ------------------------------------------------------------------ end to end: what the trainer reads
+
+
+def _rows(x: torch.Tensor) -> list[bytes]:
+    return [bytes(r.flatten().tolist()) for r in x]
+
+
+@pytest.mark.parametrize("seeds", [None, "0,1"], ids=["one-seed", "two-seeds"])
+def test_the_trainer_never_trains_on_validation_or_test_images(tmp_path, seeds) -> None:
+    """Through the recipe path (data.subset, then data.val_size), for one seed and for a vectorised
+    multi-seed run: every training batch of every member comes from the cut training set minus the
+    validation split, and the evaluation loaders read exactly the validation and test splits."""
+    from flipnet.train.config import load_config
+    from flipnet.train.loop import Trainer
+
+    overrides = ["data.name=synthetic", "data.options={num_train: 300, num_test: 40}", "data.subset=200",
+                 "data.val_size=0.25", "data.batch_size=32", "model.kwargs.hidden_sizes=[8]", "train.epochs=1",
+                 "train.device=cpu", "train.progress=false", "train.plots=false", "train.tensorboard=false",
+                 f"output.dir={tmp_path}"]
+    if seeds:
+        overrides.append(f"seeds={seeds}")
+    trainer = Trainer.from_config(load_config("digits_bop", overrides))
+    full = load_dataset("synthetic", num_train=300, num_test=40)
+    cut = set(_rows(full.train_x[:200]))
+    assert len(cut) == 200  # every synthetic image is unique, so rows identify examples
+    val = _rows(trainer.data.val_x)
+    assert len(val) == 50 and set(val) <= cut  # the split is taken after data.subset
+    assert len(trainer.train_loaders) == (2 if seeds else 1)
+    for loader in trainer.train_loaders:
+        seen: set[bytes] = set()
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            for x, _ in loader:
+                seen |= set(_rows(((x + 1) * 127.5).round().to(torch.uint8)))
+        assert not seen & set(val), "a validation image was trained on"
+        assert seen == cut - set(val)  # the 150 remaining images, no others
+    read = lambda loader: [r for x, _ in loader for r in _rows(((x + 1) * 127.5).round().to(torch.uint8))]  # noqa: E731
+    assert read(trainer.val_loader) == val
+    assert read(trainer.test_loader) == _rows(full.test_x)  # the test set is untouched
+
+
+def test_the_docs_augmentation_table_matches_the_registry() -> None:
+    """docs/data.md's table of allowed/default augmentations and pads is what the data sets declare."""
+    import re
+    from pathlib import Path
+
+    from flipnet.data import list_datasets
+    from flipnet.data.base import augment_policy
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    section = text.split("## Augmentation: what each data set allows", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    documented = {}
+    for row in rows:
+        names_cell, allowed, default, pad = [c.strip() for c in row.strip("|").split("|")][:4]
+        for name in re.findall(r"`([a-z0-9_]+)`", names_cell):
+            documented[name] = (allowed, default, pad)
+    in_memory = [n for n in list_datasets() if n != "imagenet"]  # ImageNet has its own pipeline (its section)
+    assert sorted(documented) == sorted(in_memory)
+    for name, (allowed, default, pad) in documented.items():
+        policy = augment_policy(name)
+        assert tuple(a.strip() for a in allowed.split(",")) == policy.allowed, name
+        want_default = () if default.startswith("refused") else tuple(a.strip() for a in default.split("+"))
+        assert want_default == policy.default, name
+        assert int(pad) == policy.pad, name
