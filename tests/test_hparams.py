@@ -395,3 +395,10 @@ def test_cli_recipe_with_a_latent_clip_says_the_filter_is_approximate(capsys: py
     assert "optim.weight_clip=1" in out and "only while the latent weights stay inside the clip" in out
     assert main(["hparams", "--recipe", "cema_cifar10", "--train-size", "45000"]) == 0
     assert "weight_clip=" not in capsys.readouterr().out
+
+
+def test_cli_recipe_with_a_per_epoch_schedule_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["hparams", "--recipe", "imagenet_reactnet_cema", "--train-size", "1271167"]) == 0
+    assert "updates alpha once per epoch" in capsys.readouterr().out
+    assert main(["hparams", "--recipe", "cifar10_reactnet_cpu"]) == 0  # unit: step
+    assert "once per epoch" not in capsys.readouterr().out

@@ -139,6 +139,11 @@ def cmd_hparams(ns: argparse.Namespace) -> int:
         if clips:
             print(f"note: {' and '.join(clips)} clip(s) the latent weights (and the STE gradient): the filter below "
                   "describes the training only while the latent weights stay inside the clip")
+        key = "alpha" if config.optim.binary == "cema" else "lr"
+        if any(sc.key == key and sc.route in (None, "binary") and sc.unit == "epoch" and sc.type in ("linear", "cosine")
+               for sc in config.optim.schedules):
+            print(f"note: the recipe updates {key} once per epoch; below it is computed per step (the recipe's values "
+                  "are this line's staircase, and the recipe snippet's unit: step is the smooth version)")
         print()
         print(report(h))
         if ns.out:
