@@ -247,3 +247,28 @@ def test_suggestions_list_only_keys_the_route_reads():
     _, opt = routed()
     with pytest.raises(ValueError, match=r"groups of route 'binary' have no key 'gama'; did you mean 'gamma'\? their keys: gamma, threshold$"):
         HyperparamScheduler(opt, "gama", Constant(1.0), route="binary")
+
+
+def test_the_trainer_uses_epoch_e_value_in_epoch_e_and_resume_keeps_the_horizon(tmp_path) -> None:
+    """Epoch e (0-based) trains with schedule(e) for ``unit: epoch`` (CEMA's alpha0 * (1 - e/E), as the
+    reference's LambdaLR stepped after each epoch) and each row logs the value its first step used
+    (``unit: step``: schedule(e * S)); a forced extension of train.epochs continues at the end values."""
+    import json
+
+    from flipnet.cli import main
+
+    common = ["data.subset=300", "data.val_size=30", "model.kwargs.hidden_sizes=[16]", "optim.binary=cema",
+              "optim.binary_kwargs={alpha: 1.0e-3, gamma: 0.1}", "optim.real_kwargs.lr=0.01",
+              "optim.schedules=[{key: alpha, route: binary, type: linear, end: 0.0, unit: epoch}, "
+              "{key: lr, route: real, type: cosine, unit: step}]",
+              "train.device=cpu", "train.progress=false", "train.plots=false", "train.tensorboard=false"]
+    assert main(["train", "digits_bop", "train.epochs=4", "output.name=r", *common, "--out", str(tmp_path)]) == 0
+    run = tmp_path / "r"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = rows[0]["step"]
+    assert [r["binary/alpha"] for r in rows] == pytest.approx([1e-3 * (1 - e / 4) for e in range(4)])
+    assert [r["real/lr"] for r in rows] == pytest.approx([Cosine(0.01, 0.0, 4 * steps)(e * steps) for e in range(4)])
+    assert main(["train", "--resume", str(run), "train.epochs=6", "--force"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["binary/alpha"] for r in rows[4:]] == [0.0, 0.0] and [r["real/lr"] for r in rows[4:]] == [0.0, 0.0]
