@@ -160,3 +160,10 @@ def test_kernel_stats_csv_and_plots(tmp_path) -> None:
     with pytest.raises(ValueError):
         s4.coverage_at(0)
     assert not math.isnan(s4.entropy_bits)
+
+
+def test_kernel_codes_skip_binary_layers_with_real_weights() -> None:
+    m = nn.Sequential(BinaryConv2d(1, 2, 3, weight_quantizer=None), BinaryConv2d(2, 3, 3))
+    assert list(kernel_codes(m)) == ["1"]
+    with pytest.raises(ValueError, match="no binary convolution"):
+        kernel_codes(nn.Sequential(BinaryConv2d(1, 2, 3, weight_quantizer=None)))

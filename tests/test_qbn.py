@@ -357,3 +357,19 @@ def test_summary_memory_of_a_qbn_layer_is_its_indices_plus_codebook() -> None:
     row = summary(m, input_size=(1, 64, 5, 5)).layers[0]
     assert row.type == "BinaryConv2d+QBN(k=6)"
     assert row.memory_bits == 64 * 64 * 6 + 64 * 9 == qbn_bits(m)[0].bits
+
+
+def test_real_weight_binary_convolutions_are_neither_projected_nor_counted_as_bits() -> None:
+    # a BinaryConv2d with weight_quantizer=None keeps real weights (binary activations only):
+    # its signs are not kernels, QBN must leave it alone and the bit count must not call it 1-bit
+    torch.manual_seed(0)
+    model = nn.Sequential(BinaryConv2d(2, 8, 3, padding=1, weight_quantizer=None),
+                          BinaryConv2d(8, 4, 3, padding=1))
+    real = model[0].weight.detach().clone()
+    assert list(apply_qbn(model, 2)) == ["1"]
+    assert projection(model[0]) is None and torch.equal(model[0].weight.detach(), real)
+    rows = qbn_bits(model)
+    assert [r.name for r in rows] == ["1", "total_qbn", "total"]
+    assert rows[-1].weights == 4 * 8 * 9
+    with pytest.raises(ValueError, match="1-bit weights"):
+        qbn_bits(nn.Sequential(BinaryConv2d(2, 8, 3, weight_quantizer=None)))

@@ -102,11 +102,16 @@ def canonical_codes(codes: Tensor, n_bits: int = 9) -> Tensor:
 
 
 def kernel_layers(model: nn.Module, kernel_size: tuple[int, int] = (3, 3)) -> list[tuple[str, nn.Module]]:
-    """The binary 2-D convolutions of ``model`` whose kernels have ``kernel_size`` (default 3×3)."""
+    """The binary 2-D convolutions of ``model`` whose kernels have ``kernel_size`` (default 3×3).
+
+    Only layers whose forward pass uses 1-bit weights count (:attr:`BinaryLayer.has_binary_weight`):
+    a ``BinaryConv2d`` built with ``weight_quantizer=None`` keeps real weights, whose signs are
+    not its kernels.
+    """
     return [
         (name, m)
         for name, m in binary_modules(model)
-        if isinstance(m, BinaryConv2d) and tuple(m.kernel_size) == tuple(kernel_size)
+        if isinstance(m, BinaryConv2d) and m.has_binary_weight and tuple(m.kernel_size) == tuple(kernel_size)
     ]
 
 

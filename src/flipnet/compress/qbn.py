@@ -343,13 +343,16 @@ class QBNLayerBits:
 
 
 def qbn_bits(model: nn.Module) -> list[QBNLayerBits]:
-    """Bits of every binary layer: QBN layers at ``N k + 2^k kh kw``, others at 1 bit per weight.
+    """Bits of every layer with 1-bit weights: QBN layers at ``N k + 2^k kh kw``, others at 1 bit
+    per weight (binary layers with real weights, ``weight_quantizer=None``, are left out).
 
     The last two entries are ``"total_qbn"`` (QBN layers only: the paper's "bits per weight" of
     the compressed convolutions) and ``"total"`` (all binary weights of the model).
     """
     rows: list[QBNLayerBits] = []
     for name, m in binary_modules(model):
+        if not m.has_binary_weight:  # weight_quantizer=None: real weights, not counted as bits
+            continue
         n = stored_weight(m).numel()
         p = projection(m)
         if p is not None:
@@ -359,7 +362,7 @@ def qbn_bits(model: nn.Module) -> list[QBNLayerBits]:
         else:
             rows.append(QBNLayerBits(name, n, 0, None, n, 0))
     if not rows:
-        raise ValueError("the model has no binary layer")
+        raise ValueError("the model has no binary layer with 1-bit weights")
 
     def total(label: str, sel: list[QBNLayerBits]) -> QBNLayerBits:
         return QBNLayerBits(
