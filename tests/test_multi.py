@@ -325,3 +325,31 @@ def test_sign_tracking_of_several_seeds_is_refused_clearly(tmp_path):
     with pytest.raises(ConfigError, match="track_signs records the signs of one run"):
         train_seeds(cfg, [0, 1], verbose=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_multi_seed_mid_epoch_resume_logs_the_rows_of_an_uninterrupted_group(tmp_path):
+    """Interrupted inside epoch 2 and resumed: every member's rows equal the uninterrupted ones,
+    the epoch cut in two included (its flip ratio, and the lr of its first step under a per-step
+    schedule), and the first row shows the recipe's lr."""
+    from flipnet.train.callbacks import Callback
+    from flipnet.train.loop import Trainer
+
+    class InterruptAtStep(Callback):
+        def on_step_end(self, trainer):
+            if trainer.step == 8:  # 6 steps per epoch: epoch 2, batch 2
+                raise KeyboardInterrupt
+
+    base = ["train.epochs=3", "seeds=[0,1]", "optim.real_kwargs.lr=0.02",
+            "optim.schedules=[{key: lr, route: real, type: cosine, unit: step}]"]
+    straight = Trainer.from_config(_tiny_config(tmp_path, *base, "output.name=straight"))
+    straight.fit()
+    group = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.from_config(_tiny_config(tmp_path, *base, "output.name=cut"), callbacks=[InterruptAtStep()]).fit()
+    assert load_checkpoint(group / "seed_1" / "checkpoints" / "last.pt")["batch_in_epoch"] == 2
+    Trainer.from_config(load_config(group / "config.yaml"), resume=group).fit()
+    for seed in (0, 1):
+        want = [{k: v for k, v in r.items() if k != "time_s"} for r in read_metrics(tmp_path / "straight" / f"seed_{seed}")]
+        got = [{k: v for k, v in r.items() if k != "time_s"} for r in read_metrics(group / f"seed_{seed}")]
+        assert got == want
+        assert want[0]["real/lr"] == 0.02 and "flip_ratio" in want[1]

@@ -207,6 +207,7 @@ class Trainer:
         self.epoch = self.step = self.batch_in_epoch = 0
         self._active, self._partial = 0, None
         self._epoch_hparams: list[dict[str, float]] | None = None  # per member, at the epoch's first step
+        self._flip_offsets: list[tuple[dict[str, int], int] | None] = [None] * len(members)  # a resumed epoch's flips
         self._stop_shared = self._in_step = self._closing_epoch = False
         self._last_saved: tuple[int, int] | None = None  # (epoch, step) of the newest last.pt
         self._signals = StopSignals(announce=self.is_main)
@@ -335,6 +336,9 @@ class Trainer:
             state["partial"] = {"sums": p["sums"][i], "n_samples": p["n_samples"], "n_targets": p["n_targets"]}
             if self._epoch_hparams is not None:
                 state["partial"]["hparams"] = dict(self._epoch_hparams[i])
+            if m.flip_ratio is not None:  # the epoch's flips so far, so its flip ratio survives a resume
+                counts, steps = self._flip_counts(i)
+                state["partial"]["flips"] = {"counts": counts, "steps": steps}
         return state
 
     def _restore(self, m: Member, ckpt: dict[str, Any]) -> None:
@@ -365,8 +369,49 @@ class Trainer:
                 if self._epoch_hparams is None:
                     self._epoch_hparams = [{} for _ in self.members]
                 self._epoch_hparams[i] = {str(k): float(v) for k, v in partial["hparams"].items()}
+            flips = partial.get("flips")
+            if isinstance(flips, dict) and isinstance(flips.get("counts"), dict):
+                self._flip_offsets[i] = ({str(k): int(v) for k, v in flips["counts"].items()}, int(flips.get("steps", 0)))
         if "rng" in ckpt:  # written by rank 0; every rank starts from the same seed, so the states agree anyway
             set_rng_state(ckpt["rng"])
+
+    def _flip_layers(self, i: int) -> list[tuple[str, Tensor]]:
+        """``(layer, binary weight)`` that member ``i``'s flip ratio reports, in its order."""
+        from flipnet.layers import named_binary_parameters
+
+        m = self.members[i]
+        names, live = set(m.flip_ratio.layer_names), m.optimizer.flip_counts()
+        params = [(n[: -len(".weight")] if n.endswith(".weight") else n, p) for n, p in named_binary_parameters(m.model)]
+        return [(n, p) for n, p in params if n in names and p in live]
+
+    def _flip_counts(self, i: int) -> tuple[dict[str, int], int]:
+        """Member ``i``'s sign flips per binary layer and optimizer steps in this epoch (with the
+        part trained before a mid-epoch resume); one host sync."""
+        m = self.members[i]
+        live, params = m.optimizer.flip_counts(), self._flip_layers(i)
+        values = torch.stack([live[p].to(params[0][1].device) for _, p in params]).tolist() if params else []
+        counts, steps = {n: int(v) for (n, _), v in zip(params, values)}, int(m.optimizer.num_steps)
+        offset = self._flip_offsets[i]
+        if offset is not None:
+            counts = {n: v + offset[0].get(n, 0) for n, v in counts.items()}
+            steps += offset[1]
+        return counts, steps
+
+    def _flip_ratios(self, i: int) -> dict[str, float]:
+        """The epoch's flip ratios of member ``i`` (:class:`flipnet.metrics.FlipRatio`'s numbers;
+        an epoch resumed mid-way counts the flips from before the interruption too)."""
+        m = self.members[i]
+        if m.flip_ratio is None:
+            return {}
+        if self._flip_offsets[i] is None:
+            return m.flip_ratio.compute()
+        counts, steps = self._flip_counts(i)
+        numels = {n: p.numel() for n, p in self._flip_layers(i)}
+        if steps == 0 or not counts:
+            return m.flip_ratio.compute()
+        out = {n: counts[n] / (numels[n] * steps) for n in numels}
+        out["total"] = sum(counts.values()) / (sum(numels.values()) * steps)
+        return out
 
     def _write(self, path: Path, text: str) -> None:
         try:
@@ -558,7 +603,8 @@ class Trainer:
             for sc in m.schedulers:
                 if getattr(sc, "unit", "step") == "epoch":
                     sc.step()
-        flips = [m.flip_ratio.compute() if m.flip_ratio is not None else {} for m in self.members]
+        flips = [self._flip_ratios(i) for i in range(s)]
+        self._flip_offsets = [None] * s
         self.epoch, self.batch_in_epoch, self._partial = self.epoch + 1, 0, None
         evaluated = self.epoch % t.eval_every == 0 or self.epoch == t.epochs
         tests = self._evaluate(self.test_loader) if evaluated else [None] * s
