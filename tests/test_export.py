@@ -479,6 +479,17 @@ def test_cli_export_never_overwrites_without_force(tmp_path: Path, capsys: pytes
     assert out.read_bytes() == b"precious"
     assert main(["export", str(run), "--checkpoint", "last", "--force"]) == 0
     assert read_export_metadata(out)["extra"]["checkpoint"] == "last"
+    # checkpoint suffixes in any case (one file with last.pt where names ignore case), --force or not
+    for name in ("LAST.PT", "other.Pth"):
+        assert main(["export", str(run), "--checkpoint", "last", "--force", "--out", str(run / "checkpoints" / name)]) == 2
+        assert "would replace a checkpoint" in capsys.readouterr().err
+        assert not (run / "checkpoints" / name).exists()
+    # an unwritable location is one sentence, not a traceback
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["export", str(run), "--checkpoint", "last", "--out", str(blocker / "sub" / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_summary_refuses_export_files_and_wrong_input_sizes(tmp_path: Path, good_file: Path,

@@ -73,7 +73,7 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name, e.g. {out / 'export.safetensors'}")
     resolved = out.resolve()
-    if resolved == source.resolve() or out.suffix in _RUN_SUFFIXES:
+    if resolved == source.resolve() or out.suffix.lower() in _RUN_SUFFIXES:  # .PT is a checkpoint too (and the same file where names ignore case)
         raise ConfigError(f"--out {out} would replace a checkpoint (the run's resumable state); "
                           "write the export elsewhere, e.g. RUN/export.safetensors")
     if out.exists() and not force:
@@ -113,6 +113,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
         doc = export_model(model, out, metadata=meta)
     except ValueError as err:
         raise ConfigError(f"cannot export {run}: {err}") from None
+    except OSError as err:  # an unwritable or missing location
+        raise ConfigError(f"cannot write {out}: {err.strerror or err}") from None
     float_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(
         b.numel() * 4 for n, b in model.named_buffers() if "running" in n
     )
