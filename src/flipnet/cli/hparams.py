@@ -78,6 +78,8 @@ def _steps(ns: argparse.Namespace) -> tuple[int, int | None]:
     if spe is not None and spe < 1:
         raise ConfigError(f"--steps-per-epoch must be positive, got {spe}")
     if ns.steps is not None:
+        if ns.epochs is not None:
+            raise ConfigError("give --steps or --epochs (with steps per epoch), not both")
         if ns.steps < 1:
             raise ConfigError(f"--steps must be positive, got {ns.steps}")
         return ns.steps, spe
