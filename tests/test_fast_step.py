@@ -213,13 +213,13 @@ def test_compile_step_matches_eager():
 
 # ------------------------------------------------------------------ CUDA graphs (GPU only)
 def _gpu_pair(binary: str):
-    from flipnet.optim import create_optimizer
+    from flipnet.optim import create_optimizer, prepare_model_for
 
     models, opts = [], []
     for _ in range(2):
         m = _mlp().cuda()
         kwargs = {"gamma": 1e-2, "threshold": 1e-4} if binary == "bop" else {"lr": 1e-2}
-        opt = create_optimizer(m, binary=binary, binary_kwargs=kwargs, real="adam", real_kwargs={"lr": 1e-2},
+        opt = create_optimizer(prepare_model_for(m, binary), binary=binary, binary_kwargs=kwargs, real="adam", real_kwargs={"lr": 1e-2},
                                weight_clip=None if binary == "bop" else 1.0)
         models.append(m)
         opts.append(opt)
@@ -294,14 +294,14 @@ def test_bf16_channels_last_graph_on_conv_model():
 
 def test_flip_optimizer_with_tensor_hyperparameters_matches_floats():
     """What CUDA graphs rely on, checked on CPU: tensor γ/τ updated in place give the same run."""
-    from flipnet.optim import create_optimizer
+    from flipnet.optim import create_optimizer, prepare_model_for
     from flipnet.optim.schedules import HyperparamScheduler, StepDecay
 
     batches = _batches(n=6)
     ref, test = _mlp(), _mlp()
     kw = {"gamma": 1e-2, "threshold": 1e-5}
-    opt_ref = create_optimizer(ref, "bop", kw, "adam", {"lr": 1e-2})
-    opt_test = create_optimizer(test, "bop", kw, "adam", {"lr": 1e-2})
+    opt_ref = create_optimizer(prepare_model_for(ref, "bop"), "bop", kw, "adam", {"lr": 1e-2})
+    opt_test = create_optimizer(prepare_model_for(test, "bop"), "bop", kw, "adam", {"lr": 1e-2})
     changed = tensorize_hyperparameters(opt_test)
     assert changed == {"Bop": ["gamma", "threshold"]}  # Adam on CPU cannot be capturable
     gamma_tensor = next(g for g in opt_test.param_groups if g["route"] == "binary")["gamma"]
