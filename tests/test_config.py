@@ -355,8 +355,11 @@ def test_trajectory_changes_lists_what_changes_training() -> None:
 
     base = load_config("digits_bop")
     same = load_config("digits_bop", ["train.progress=false", "output.dir=/tmp/x", "train.eval_every=3",
-                                      "data.eval_batch_size=7", "train.threads=1", "train.device=cpu"])
+                                      "data.eval_batch_size=7", "train.threads=1", "train.device=cpu",
+                                      "data.options.download=true", "data.options.cache_dir=/tmp/c"])
     assert trajectory_changes(base, same) == []
+    # a key added to a mapping that was empty is compared on its own
+    assert trajectory_changes(base, load_config("digits_bop", ["data.options.noise=0.1"])) == ["data.options.noise"]
     changed = load_config("digits_bop", ["seed=1", "data.batch_size=16", "optim.binary_kwargs.gamma=1e-2",
                                          "train.epochs=40", "optim.schedules=[]", "data.val_size=0",
                                          "train.precision=bf16", "model.kwargs.hidden_sizes=[8]"])

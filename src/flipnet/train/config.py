@@ -809,12 +809,16 @@ def load_config(
 
 #: Keys (and key prefixes) whose change does not change which weights training produces: names,
 #: where files go, evaluation, logging and progress display, where the data and the init
-#: weights are found, and machine/speed settings. Every other key is a trajectory key.
+#: weights are found and whether they may be downloaded or cached, and machine/speed settings.
+#: Every other key is a trajectory key.
 TRAJECTORY_NEUTRAL_KEYS: tuple[str, ...] = (
     "name",
     "description",
     "output",
     "data.root",
+    "data.options.download",
+    "data.options.cache_dir",
+    "data.options.cache",
     "data.eval_batch_size",
     "data.test_subset",
     "model.init_from",
@@ -837,7 +841,9 @@ def _neutral(key: str) -> bool:
 
 
 def _leaves(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, dict) and value:
+    # An empty mapping has no leaves: {} against {download: true} differs only in that key, so
+    # a neutral key added to an empty mapping (data.options) is not a change of the mapping.
+    if isinstance(value, dict):
         for k, v in value.items():
             _leaves(v, _join(prefix, str(k)), out)
     else:
