@@ -332,6 +332,7 @@ def test_cli_never_overwrites_plots_without_force(tmp_path: Path, capsys: pytest
     (["--weight-decay", "1e-4", "--schedule", "linear", "--step-every", "10"], "--step-factor/--step-every"),
     (["--weight-decay", "1e-4", "--schedule", "step", "--step-every", "0"], "--step-every must be a positive"),
     (["--weight-decay", "1e-4", "--steps", "100", "--epochs", "2", "--steps-per-epoch", "10"], "not both"),
+    (["--weight-decay", "1e-4", "--title", "x"], "--title names the plots; it needs --out"),
 ])
 def test_cli_refuses_options_it_would_ignore(args: list[str], word: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["hparams", *args]) == 2

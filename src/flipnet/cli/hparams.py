@@ -121,6 +121,8 @@ def cmd_hparams(ns: argparse.Namespace) -> int:
 
     if ns.force and not ns.out:
         raise ConfigError("--force replaces existing plot files; it needs --out PREFIX")
+    if ns.title is not None and not ns.out:
+        raise ConfigError("--title names the plots; it needs --out PREFIX")
     if ns.recipe is not None:
         from flipnet.analysis.hparams import hparams_from_recipe
         from flipnet.train.config import load_config
