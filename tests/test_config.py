@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -425,3 +426,22 @@ def test_shipped_recipes_are_listed_with_libyaml_and_user_files_keep_the_limits(
     path.write_text("name: mine\n")
     with pytest.raises(AssertionError, match="pure-Python loader"):  # a user's file still goes through the limits
         load_config(path)
+
+
+@pytest.mark.parametrize(("entry", "piece"), [
+    ("{key: lr, rout: real, type: cosine}", "did you mean 'optim.schedules[0].route'"),
+    ("{key: lr, route: real, type: cosine, units: epoch}", "did you mean 'optim.schedules[0].unit'"),
+    ("{kye: lr, route: real, type: cosine}", "did you mean 'optim.schedules[0].key'"),
+])
+def test_a_misspelt_schedule_field_is_named_when_the_recipe_loads(entry: str, piece: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(piece)):
+        load_config("digits_adam", [f"optim.schedules=[{entry}]"])
+
+
+def test_schedule_parameter_names_match_the_schedule_types() -> None:
+    from flipnet.optim.schedules import SCHEDULE_TYPES
+    from flipnet.train.config import _SCHEDULE_PARAMS
+
+    assert set(_SCHEDULE_PARAMS) == {k for req, opt in SCHEDULE_TYPES.values() for k in req + opt}
+    every = load_config("digits_adam", ["optim.schedules=[{key: lr, type: step, factor: 0.5, every: 2, unit: epoch}]"])
+    assert every.optim.schedules[0].params == {"factor": 0.5, "every": 2}

@@ -260,6 +260,8 @@ class Config:
 # validation
 
 _SCHEDULE_FIXED = ("key", "type", "route", "unit")
+#: Parameters of the schedule types (flipnet.optim.schedules.SCHEDULE_TYPES, which tests keep equal).
+_SCHEDULE_PARAMS = ("value", "factor", "every", "start", "end", "duration")
 
 
 def _type_name(tp: Any) -> str:
@@ -411,6 +413,15 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         params = dict(raw.pop("params", None) or {})
         for k in list(raw):
             if k not in _SCHEDULE_FIXED:
+                # A misspelt fixed key (rout, units, kye) would otherwise become a schedule
+                # parameter and be reported later, without the suggestion, once data are loaded.
+                close = difflib.get_close_matches(str(k), [f for f in _SCHEDULE_FIXED if f not in raw], n=1, cutoff=0.6)
+                if close and k not in _SCHEDULE_PARAMS:
+                    raise ConfigError(
+                        f"unknown key {_join(where, str(k))!r}; did you mean {_join(where, close[0])!r}? "
+                        f"a schedule entry has {', '.join(_SCHEDULE_FIXED)} and its type's parameters "
+                        f"({', '.join(_SCHEDULE_PARAMS)})"
+                    )
                 params[k] = raw.pop(k)
         raw["params"] = params
         if "key" not in raw or "type" not in raw:
