@@ -50,3 +50,26 @@ def test_documented_train_command_is_a_valid_recipe(doc: str, command: str) -> N
             continue
         overrides.append(w)
     load_config(recipe, overrides)
+
+
+def test_the_recipe_reference_lists_every_registered_data_set_and_model() -> None:
+    """docs/recipes.md names the registries' contents in the data.name and model.name rows."""
+    from flipnet.data import list_datasets
+    from flipnet.models import list_models
+
+    text = (DOCS / "recipes.md").read_text(encoding="utf-8")
+    data_row = re.search(r"flipnet\.data\.list_datasets\(\)`: ([^;]+);", text)
+    model_row = re.search(r"flipnet\.models\.list_models\(\)`: ([^;]+);", text)
+    assert data_row and model_row
+    assert sorted(re.findall(r"`(\w+)`", data_row.group(1))) == sorted(list_datasets())
+    assert sorted(re.findall(r"`(\w+)`", model_row.group(1))) == sorted(list_models())
+
+
+def test_the_augment_row_says_what_true_means_for_each_data_set() -> None:
+    """``augment: true`` on digits is refused (no default); the reference must not promise shifts."""
+    from flipnet.data.base import augment_policy
+
+    text = (DOCS / "recipes.md").read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| `augment`"))
+    assert augment_policy("digits").default == ()
+    assert "digits: none, so `true` is refused" in row
