@@ -373,6 +373,17 @@ def test_qbn_layer_with_oversized_kernels_is_refused(tmp_path: Path) -> None:
               str(path), metadata={"format": EXPORT_FORMAT, "flipnet": json.dumps(doc)})
     with pytest.raises(ExportFormatError, match="too large"):
         load_exported(path)
+    # load_qbn reads the same entries and refuses them the same way (it leaked a ValueError)
+    from flipnet.compress.export import load_qbn
+
+    with pytest.raises(ExportFormatError, match="too large"):
+        load_qbn(path)
+    layer["weight_shape"] = [1, 1, 5, 5]
+    save_file({"0.qbn_indices": torch.zeros(1, dtype=torch.uint8), "0.qbn_codebook_bits": torch.zeros(2, 4, dtype=torch.uint8)},
+              str(path), metadata={"format": EXPORT_FORMAT, "flipnet": json.dumps(doc)})
+    for read in (load_exported, load_qbn):
+        with pytest.raises(ExportFormatError, match="too large"):
+            read(path)
 
 
 # ----------------------------------------------------------------------------- ResNets (residual graphs)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import ExportFormatError
-from ..codes import encode_kernels
+from ..codes import MAX_KERNEL_BITS, encode_kernels
 from ..pack import packed_size, unpack_bits
 from ..qbn import QBNStored, check_k
 from .codecs import Encoder, codec_for, decode_entries
@@ -123,10 +123,15 @@ def load_qbn(path: str | os.PathLike) -> dict[str, QBNStored]:
         except ValueError as err:
             raise r.fail(str(err)) from None
         taps = shape[2] * shape[3]
+        if taps > MAX_KERNEL_BITS:  # as load_exported: QBN codewords are small kernels
+            raise r.fail(f"QBN kernels of {shape[2]}x{shape[3]} entries are too large (at most {MAX_KERNEL_BITS})")
         n = shape[0] * shape[1]
         idx = r.tensor("qbn_indices", torch.uint8, (packed_size(n * k, 8),))
         cb_bits = r.tensor("qbn_codebook_bits", torch.uint8, (1 << k, packed_size(taps, 8)))
-        signs = unpack_bits(cb_bits, (1 << k, taps), dim=1)  # type: ignore[arg-type]
-        codes = encode_kernels(signs.reshape(-1, shape[2], shape[3]))
+        try:
+            signs = unpack_bits(cb_bits, (1 << k, taps), dim=1)  # type: ignore[arg-type]
+            codes = encode_kernels(signs.reshape(-1, shape[2], shape[3]))
+        except (ValueError, RuntimeError) as err:
+            raise r.fail(str(err)) from None
         out[r.get("name", str)] = QBNStored(k, (shape[2], shape[3]), tuple(shape), codes, idx)  # type: ignore[arg-type]
     return out
