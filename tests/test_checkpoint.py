@@ -410,3 +410,26 @@ def test_disk_full_while_saving_is_one_clear_error(tmp_path: Path, monkeypatch: 
     with pytest.raises(CheckpointError, match="No space left on device.*free disk space") as info:
         trainer.fit()
     assert "\n" not in str(info.value)
+
+
+def test_resume_refuses_a_precision_that_resolves_otherwise_here(tmp_path: Path) -> None:
+    """train.precision=auto is the same text on every machine but not the same arithmetic: the
+    precision a run trained in (stored in its checkpoint) must hold on resume, unless --force."""
+    run = _finished(tmp_path, "prec")
+    last = run / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    assert ckpt["meta"]["precision"] == "fp32"
+    ckpt["meta"]["precision"] = "bf16"  # as if trained where auto meant bf16
+    save_checkpoint(last, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"trained in precision bf16.*--force"):
+        Trainer.from_config(load_config(run / "config.yaml"), resume=run)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert Trainer.from_config(load_config(run / "config.yaml"), resume=run, force=True).precision.name == "fp32"
+
+
+def test_rows_log_the_optimizer_settings_the_recipe_sets(tmp_path: Path) -> None:
+    """Keys set in optim.*_kwargs are logged as the optimizer holds them (here Adam's eps)."""
+    run = _finished(tmp_path, "eps", "optim.real_kwargs={lr: 0.003, eps: 1.0e-7}")
+    row = read_metrics(run)[0]
+    assert (row["real/lr"], row["real/eps"]) == (0.003, 1e-7)

@@ -563,3 +563,28 @@ def test_restart_before_the_first_checkpoint_records_the_recipe_it_runs(tmp_path
     saved = load_config(run / "config.yaml")
     assert (saved.train.epochs, saved.seed) == (1, 7)
     assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["seed"] == 7
+
+
+def test_a_run_folder_given_in_python_follows_the_folder_rules(tmp_path: Path) -> None:
+    """Trainer(..., run_dir=X) and train_seeds(..., run_dir=G) never write into a folder flipnet
+    did not create, nor over a run it holds."""
+    from flipnet.train.build import build_data, build_model, build_optimizer
+    from flipnet.train.multi import train_seeds
+
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("keep me")
+    config = tiny(tmp_path, "train.epochs=1")
+    data = build_data(config)
+    model = build_model(config, data.num_classes, data.input_shape)
+    with pytest.raises(ConfigError, match="not created by flipnet"):
+        Trainer(model, build_optimizer(config, model), data, config=config, run_dir=foreign)
+    assert [p.name for p in foreign.iterdir()] == ["chapter1.tex"]
+    with pytest.raises(ConfigError, match="not created by flipnet"):
+        train_seeds(config, [0, 1], run_dir=foreign, verbose=False)
+    assert [p.name for p in foreign.iterdir()] == ["chapter1.tex"]
+    train_seeds(config, [0, 1], run_dir=tmp_path / "group", verbose=False)
+    before = (tmp_path / "group" / "seed_0" / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_seeds(config, [0, 1], run_dir=tmp_path / "group", verbose=False)
+    assert (tmp_path / "group" / "seed_0" / "metrics.jsonl").read_bytes() == before

@@ -43,6 +43,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_schedules",
+    "check_new_run_dir",
     "select_precision",
     "choose_threads",
     "is_run_dir",
@@ -432,6 +433,32 @@ def make_run_dir(folder: Path, kind: str = "run") -> None:
         ) from None
 
 
+def check_new_run_dir(run_dir: Path, kind: str = "run", what: str = "choose another output.name") -> None:
+    """Refuse ``run_dir`` as the folder of a *new* run (or group, ``kind``) unless it is absent,
+    empty, or a flipnet folder of that kind whose run stopped before its first checkpoint.
+
+    Raises:
+        ConfigError: a file, a folder holding a run, a non-empty folder flipnet did not create,
+            or a flipnet folder of the other kind; ``what`` is the advice that ends the message.
+    """
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} exists and is not a folder; {what}")
+    if _holds_progress(run_dir):
+        raise ConfigError(f"run folder {run_dir} already holds a run; continue it with `flipnet train --resume {run_dir}` or {what}")
+    try:
+        empty = not any(run_dir.iterdir())
+    except OSError as e:
+        raise ConfigError(f"cannot read {run_dir} ({e.strerror or e}); {what}") from None
+    marker = _marker(run_dir)
+    if not empty and marker is None:
+        raise ConfigError(f"{run_dir} is not empty and was not created by flipnet; {what} "
+                          "(flipnet never writes into a folder it did not make)")
+    if marker is not None and marker.get("kind", "run") != kind:
+        raise ConfigError(f"{run_dir} holds a flipnet {marker.get('kind')} folder; {what}")
+
+
 def new_run_dir(output: OutputConfig, default_name: str, *, is_main: bool = True, dist_enabled: bool = False,
                 kind: str = "run") -> Path:
     """The folder of a new run: ``output.dir/output.name``, or ``output.dir/<default_name>-<time>``.
@@ -452,25 +479,8 @@ def new_run_dir(output: OutputConfig, default_name: str, *, is_main: bool = True
     parent = Path(output.dir).expanduser()
     if output.name:
         run_dir = parent / _check_name(str(output.name))
-        if is_main and run_dir.exists():
-            if not run_dir.is_dir():
-                raise ConfigError(f"{run_dir} exists and is not a folder; choose another output.name")
-            if _holds_progress(run_dir):
-                raise ConfigError(
-                    f"run folder {run_dir} already holds a run; continue it with `flipnet train --resume {run_dir}` "
-                    "or choose another output.name"
-                )
-            try:
-                empty = not any(run_dir.iterdir())
-            except OSError as e:
-                raise ConfigError(f"cannot read {run_dir} ({e.strerror or e}); choose another output.name") from None
-            if not empty and _marker(run_dir) is None:
-                raise ConfigError(
-                    f"{run_dir} is not empty and was not created by flipnet; choose another output.name "
-                    "(flipnet never writes into a folder it did not make)"
-                )
-            if _marker(run_dir) is not None and (_marker(run_dir) or {}).get("kind", "run") != kind:
-                raise ConfigError(f"{run_dir} holds a flipnet {(_marker(run_dir) or {}).get('kind')} folder; choose another output.name")
+        if is_main:
+            check_new_run_dir(run_dir, kind)
     else:
         base = parent / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         _check_name(base.name)

@@ -185,15 +185,23 @@ class Trainer:
         from .distill import loss_from_config
 
         self._setup(members, data, device, callbacks, run_dirs=run_dirs, ckpts=ckpts, ensemble=ensemble,
-                    loss_fn=loss_from_config(base, data, device))
+                    loss_fn=loss_from_config(base, data, device), force=force)
 
     def _setup(self, members: list[Member], data: Any, device: torch.device, callbacks: Sequence[Callback], *,
                run_dirs: list[Path] | None = None, ckpts: list[dict] | None = None, ensemble: SeedEnsemble | None = None,
-               loss_fn: Callable | None = None) -> None:
+               loss_fn: Callable | None = None, force: bool = False) -> None:
         self.members, self.data, self.device, self.callbacks = members, data, device, list(callbacks)
         self.is_main = self.dist.is_main
         t = members[0].config.train
         self.precision = build.select_precision(getattr(t, "precision", t.amp), device, members[0].model)
+        was = (ckpts[0].get("meta") or {}).get("precision") if ckpts else None
+        if was is not None and was != self.precision.name and not force:
+            # train.precision=auto resolves per machine: the same recipe text may train otherwise here
+            raise ConfigError(
+                f"--resume: the run trained in precision {was}, but train.precision={getattr(t, 'precision', t.amp)} gives "
+                f"{self.precision.name} here ({self.precision.reason}), which alters the training trajectory; "
+                f"resume with train.precision={was}, or add --force to continue anyway"
+            )
         self.amp_dtype = self.precision.amp_dtype
         for m in members:
             self.precision.apply(m.model)
@@ -274,11 +282,16 @@ class Trainer:
             if group_dir is None:
                 group_dir = build.new_run_dir(base.output, base.name, kind="group")
             elif self.is_main:
+                if not resumed:  # a group folder given by the caller: the rules of a new run's folder
+                    build.check_new_run_dir(Path(group_dir), "group", "choose another group folder")
                 build.make_run_dir(group_dir, "group")
             self._group = (group_dir, group_config)
             run_dirs = run_dirs or [group_dir / m.label for m in self.members]
         elif run_dirs is None:
             run_dirs = [build.new_run_dir(base.output, base.name, is_main=self.is_main, dist_enabled=self.dist.enabled)]
+        if self.is_main and not resumed:  # folders given by the caller (run_dir=, a group's members)
+            for d in run_dirs:
+                build.check_new_run_dir(Path(d), "run", "choose another run folder")
         for m, d in zip(self.members, run_dirs):
             m.run_dir = Path(d)
             if self.is_main:  # the logs first: a damaged history refuses the resume before any file changes
@@ -430,9 +443,14 @@ class Trainer:
             self.bar.write(msg)
 
     def hyperparameters(self, member: Member | None = None) -> dict[str, float]:
-        """Current values of the logged hyper-parameters of ``member`` (see :func:`hyperparameter_values`)."""
+        """Current values of the logged hyper-parameters of ``member`` (see :func:`hyperparameter_values`):
+        the optimizers' usual ones, every scheduled key, and every scalar the recipe sets in
+        ``optim.binary_kwargs`` / ``optim.real_kwargs`` (e.g. Adam's ``eps``), as the optimizer holds it."""
         m = member or self.member
-        return hyperparameter_values(m.optimizer, ((s.route, s.key) for s in m.config.optim.schedules))
+        o = m.config.optim
+        keys = [(s.route, s.key) for s in o.schedules]
+        keys += [("binary", k) for k in o.binary_kwargs] + [("real", k) for k in o.real_kwargs]
+        return hyperparameter_values(m.optimizer, keys)
 
     # ----------------------------------------------------------------- divergence
     def _check(self, sums: Tensor, where: str, collective: bool = True) -> bool:

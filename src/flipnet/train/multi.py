@@ -159,7 +159,11 @@ def train_group(
     if results is None:
         if resume:
             raise ConfigError("only vectorised groups can be resumed together; resume each member folder with flipnet train --resume")
-        group_dir = Path(run_dir) if run_dir is not None else build.new_run_dir(configs[0].output, configs[0].name, kind="group")
+        if run_dir is not None:
+            group_dir = Path(run_dir)
+            build.check_new_run_dir(group_dir, "group", "choose another group folder")
+        else:
+            group_dir = build.new_run_dir(configs[0].output, configs[0].name, kind="group")
         build.make_run_dir(group_dir, "group")
         from flipnet.utils import atomic_write_text
 
