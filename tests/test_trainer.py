@@ -461,7 +461,14 @@ def test_thread_rule(monkeypatch: pytest.MonkeyPatch) -> None:
 
     small, cpu = torch.nn.Linear(4, 4), torch.device("cpu")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("os.getloadavg", lambda: (4.5, 3.0, 2.0))
+    assert choose_threads(None, small, cpu) == (1, "busy machine: load 4.5 on 4 cores")
+    big = torch.nn.Linear(2000, 1001)
+    assert choose_threads(None, big, cpu) == (1, "busy machine: load 4.5 on 4 cores")
+    monkeypatch.setattr("os.getloadavg", lambda: (0.5, 0.5, 0.5))
     assert choose_threads(None, small, cpu) == (1, "small model (20 parameters)")
+    assert choose_threads(None, big, cpu)[1] == "torch default"
     assert choose_threads(3, small, cpu) == (3, "train.threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert choose_threads(None, small, cpu) == (2, "OMP_NUM_THREADS")  # the environment's, not what torch was last set to
