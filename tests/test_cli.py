@@ -256,3 +256,25 @@ def test_usage_mistakes_are_one_line_with_status_2(argv: list[str], capsys: pyte
         main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and "error:" in err and "--help" in err
+
+
+def test_resume_accepts_the_checkpoint_file_and_eval_uses_the_trained_precision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import flipnet.train.build as build
+
+    assert main(["train", *TINY, "train.epochs=1", "train.progress=false", "output.name=f", "--out", str(tmp_path)]) == 0
+    last = tmp_path / "f" / "checkpoints" / "last.pt"
+    assert main(["train", "--resume", str(last), "--force", "train.epochs=2"]) == 0
+    assert load_checkpoint(last)["epoch"] == 2
+    seen = []
+    real = build.select_precision
+    monkeypatch.setattr(build, "select_precision", lambda setting, device, model=None: seen.append(setting) or real(setting, device, model))
+    monkeypatch.setattr("flipnet.train.build.select_precision", build.select_precision)
+    from flipnet.train import save_checkpoint
+
+    ckpt = load_checkpoint(last)
+    ckpt["meta"]["precision"] = "bf16"  # as if trained where train.precision=auto meant bf16
+    save_checkpoint(last, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    assert main(["eval", str(tmp_path / "f"), "--checkpoint", "last", "--device", "cpu"]) == 0
+    assert seen == ["bf16"] and "test accuracy" in capsys.readouterr().out  # not the recipe's fp32

@@ -79,9 +79,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.resume:
         if recipe is not None:
             raise ConfigError("give either a recipe or --resume RUN (a resumed run uses its own config.yaml), not both")
+        given = Path(ns.resume)
+        folder = (given.parent.parent if given.parent.name == "checkpoints" else given.parent) if given.is_file() else given
         if ns.out:
             raise ConfigError("--out cannot move a resumed run; it continues in its own folder")
-        cfg_file = Path(ns.resume) / "config.yaml"
+        cfg_file = folder / "config.yaml"  # RUN, or RUN/checkpoints/last.pt (as Trainer(resume=...) takes)
         if not cfg_file.is_file():
             from flipnet.train.checkpoint import inner_runs_hint
 
@@ -135,7 +137,7 @@ def _print_seed_summary(seeds: list[int], results: list[dict[str, Any]]) -> None
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     """``flipnet eval``: load a run's checkpoint and print its test accuracy."""
-    from flipnet.train.build import amp_dtype, build_data, build_loader, model_from_checkpoint, resolve_device
+    from flipnet.train.build import build_data, build_loader, model_from_checkpoint, resolve_device, select_precision
     from flipnet.train.checkpoint import load_checkpoint, resolve_checkpoint
     from flipnet.train.evaluation import evaluate
 
@@ -150,7 +152,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     bundle = build_data(config)
     loader = build_loader(bundle, "test", ns.batch_size or config.data.eval_batch_size, train=False,
                           device=device, seed=config.seed)
-    result = evaluate(model, loader, device, amp_dtype(getattr(config.train, "precision", config.train.amp), device))
+    # the precision the run trained (and was evaluated) in, not what train.precision=auto means here
+    stored = (ckpt.get("meta") or {}).get("precision")
+    precision = select_precision(stored or getattr(config.train, "precision", config.train.amp), device, model)
+    precision.apply(model)
+    result = evaluate(model, loader, device, precision.amp_dtype)
     epoch = ckpt.get("epoch")
     print(f"test accuracy {result['acc']:.4f} (loss {result['loss']:.4f}, {result['n']} examples; "
           f"{path}, epoch {epoch})")
