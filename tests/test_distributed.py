@@ -152,3 +152,20 @@ def test_torchrun_dash_m_flipnet_train(tmp_path: Path) -> None:
     rows = read_metrics(tmp_path / "ddp")
     assert len(rows) == 1 and rows[0]["step"] == 2
     assert (tmp_path / "ddp" / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_refused_run_folder_stops_every_rank(tmp_path: Path) -> None:
+    """Rank 0 alone checks the folder; its refusal must reach the other rank (which would wait for
+    rank 0's folder name forever) and nothing is written into the foreign folder."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    proc = _torchrun(
+        ["-m", "flipnet", "train", "digits_bop", "data.subset=128", "model.kwargs.hidden_sizes=[16]",
+         "train.epochs=1", "train.tensorboard=false", "train.plots=false", "output.name=mine", "--out", str(tmp_path)],
+        tmp_path,
+    )
+    assert proc.returncode != 0
+    logs = _rank_logs(tmp_path / "torchrun-logs")
+    assert "not created by flipnet" in logs and "rank 0 refused the run folder" in logs and "Traceback" not in logs
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]

@@ -487,10 +487,16 @@ def new_run_dir(output: OutputConfig, default_name: str, *, is_main: bool = True
         ConfigError: for each refusal above, or when the folder cannot be written.
     """
     parent = Path(output.dir).expanduser()
+    refused: str | None = None
     if output.name:
         run_dir = parent / _check_name(str(output.name))
         if is_main:
-            check_new_run_dir(run_dir, kind)
+            try:
+                check_new_run_dir(run_dir, kind)
+            except ConfigError as e:
+                if not dist_enabled:
+                    raise
+                refused = str(e)  # every rank must hear it, or the others wait for rank 0 forever
     else:
         base = parent / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         _check_name(base.name)
@@ -501,9 +507,11 @@ def new_run_dir(output: OutputConfig, default_name: str, *, is_main: bool = True
     if dist_enabled:  # every rank must use rank 0's folder name
         import torch.distributed as dist
 
-        box = [str(run_dir)]
+        box = [str(run_dir), refused]
         dist.broadcast_object_list(box, src=0)
-        run_dir = Path(box[0])
+        run_dir, refused = Path(box[0]), box[1]
+        if refused is not None:
+            raise ConfigError(refused if is_main else f"rank 0 refused the run folder: {refused}")
     if is_main:
         make_run_dir(run_dir, kind)
     return run_dir
