@@ -433,3 +433,12 @@ def test_rows_log_the_optimizer_settings_the_recipe_sets(tmp_path: Path) -> None
     run = _finished(tmp_path, "eps", "optim.real_kwargs={lr: 0.003, eps: 1.0e-7}")
     row = read_metrics(run)[0]
     assert (row["real/lr"], row["real/eps"]) == (0.003, 1e-7)
+
+
+def test_resume_from_best_is_refused_and_loses_no_history(tmp_path: Path) -> None:
+    """Continuing from best.pt would drop the epochs logged after it and then overwrite last.pt."""
+    run = _finished(tmp_path, "hist")
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"last\.pt, not from best\.pt.*model\.init_from"):
+        Trainer.from_config(load_config(run / "config.yaml"), resume=run / "checkpoints" / "best.pt")
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -590,6 +590,13 @@ def read_resume(configs: Sequence[Config], labels: Sequence[str], resume: str | 
 
     path = Path(resume)
     single_file = len(configs) == 1 and path.is_file()
+    if single_file and path.name != "last.pt":
+        # A resume rewrites the history after the checkpoint's epoch and then last.pt itself: from
+        # best.pt that would silently drop the epochs logged after it.
+        raise ConfigError(
+            f"--resume continues a run from its checkpoints/last.pt, not from {path.name}; to start from those "
+            f"weights, train a new run with model.init_from={path}"
+        )
     if len(configs) == 1:
         run_dirs = [(path.parent.parent if path.parent.name == "checkpoints" else path.parent) if single_file else path]
     else:

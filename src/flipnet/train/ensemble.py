@@ -436,6 +436,6 @@ def evaluate_ensemble(ensemble: SeedEnsemble, loader: Any, amp_dtype: torch.dtyp
     finally:
         ensemble.train(was)
     if n_samples == 0:
-        raise ConfigError("the test set is empty; check data.test_subset")
+        raise ConfigError("the evaluation set is empty; check data.test_subset / data.val_size")
     vals = sums.tolist()
     return [{"loss": v[0] / n_samples, "acc": v[1] / n_targets, "n": n_samples} for v in vals]
