@@ -12,7 +12,8 @@ from torch import nn
 from flipnet.errors import CheckpointError, ConfigError
 from flipnet.models import create_model
 from flipnet.optim import create_optimizer
-from flipnet.train.distill import DistillationLoss, DistillSpec, build_teacher, distribution_loss, read_state_dict
+from flipnet.train.config import DistillConfig
+from flipnet.train.distill import DistillationLoss, build_teacher, distribution_loss, read_state_dict
 
 
 def _hand_loss(s: list[list[float]], t: list[list[float]], temp: float, kl: bool) -> float:
@@ -62,9 +63,9 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="same classes"):
         distribution_loss(torch.zeros(1, 2), torch.zeros(1, 3))
     with pytest.raises(ConfigError, match="checkpoint is required"):
-        DistillSpec(teacher="resnet18").validate()
+        DistillConfig(teacher="resnet18").validate()
     with pytest.raises(ConfigError, match="weight"):
-        DistillSpec(teacher="resnet18", checkpoint="x", weight=1.5).validate()
+        DistillConfig(teacher="resnet18", checkpoint="x", weight=1.5).validate()
 
 
 def _teacher_file(tmp_path: Path, fmt: str) -> tuple[Path, nn.Module]:
@@ -88,7 +89,7 @@ def _teacher_file(tmp_path: Path, fmt: str) -> tuple[Path, nn.Module]:
 @pytest.mark.parametrize("fmt", ["plain", "ddp", "safetensors"])
 def test_teacher_loads_from_files(tmp_path: Path, fmt: str) -> None:
     path, reference = _teacher_file(tmp_path, fmt)
-    spec = DistillSpec(teacher="binary_mlp", teacher_kwargs={"mode": "float", "input_size": 8, "hidden_sizes": [16]},
+    spec = DistillConfig(teacher="binary_mlp", teacher_kwargs={"mode": "float", "input_size": 8, "hidden_sizes": [16]},
                        checkpoint=str(path))
     teacher = build_teacher(spec, num_classes=4, in_channels=1)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -98,7 +99,7 @@ def test_teacher_loads_from_files(tmp_path: Path, fmt: str) -> None:
 
 
 def test_teacher_errors(tmp_path: Path) -> None:
-    spec = DistillSpec(teacher="binary_mlp", teacher_kwargs={"mode": "float", "input_size": 8}, checkpoint=str(tmp_path / "no.pt"))
+    spec = DistillConfig(teacher="binary_mlp", teacher_kwargs={"mode": "float", "input_size": 8}, checkpoint=str(tmp_path / "no.pt"))
     with pytest.raises(CheckpointError, match="cannot download"):
         build_teacher(spec, num_classes=4, in_channels=1)
     path, _ = _teacher_file(tmp_path, "plain")
@@ -125,19 +126,19 @@ def test_torchvision_teacher_is_built_without_weights(tmp_path: Path) -> None:
     tv = torchvision.models.resnet18(weights=None, num_classes=5)
     path = tmp_path / "resnet18.pth"
     torch.save(tv.state_dict(), path)
-    teacher = build_teacher(DistillSpec(teacher="torchvision:resnet18", checkpoint=str(path)), num_classes=5, in_channels=3)
+    teacher = build_teacher(DistillConfig(teacher="torchvision:resnet18", checkpoint=str(path)), num_classes=5, in_channels=3)
     x = torch.randn(1, 3, 32, 32)
     tv.eval()
     torch.testing.assert_close(teacher(x), tv(x))
     with pytest.raises(ConfigError, match="never downloads"):
-        build_teacher(DistillSpec(teacher="torchvision:resnet18", checkpoint=str(path), teacher_kwargs={"weights": "DEFAULT"}),
+        build_teacher(DistillConfig(teacher="torchvision:resnet18", checkpoint=str(path), teacher_kwargs={"weights": "DEFAULT"}),
                       num_classes=5, in_channels=3)
 
 
 def test_teacher_is_not_part_of_the_student(tmp_path: Path) -> None:
     path, _ = _teacher_file(tmp_path, "plain")
     loss = DistillationLoss.from_spec(
-        DistillSpec(teacher="binary_mlp", teacher_kwargs={"mode": "float", "input_size": 8, "hidden_sizes": [16]}, checkpoint=str(path)),
+        DistillConfig(teacher="binary_mlp", teacher_kwargs={"mode": "float", "input_size": 8, "hidden_sizes": [16]}, checkpoint=str(path)),
         num_classes=4, in_channels=1,
     )
     assert list(loss.parameters()) == [] and loss.state_dict() == {}

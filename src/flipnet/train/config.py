@@ -160,6 +160,10 @@ class OptimConfig:
     schedules: list[ScheduleConfig] = field(default_factory=list)
 
 
+#: Values of ``train.distill.kind``.
+DISTILL_KINDS: tuple[str, ...] = ("cross_entropy", "kl")
+
+
 @dataclass
 class DistillConfig:
     """``train.distill:`` knowledge distillation from a real-valued teacher (``flipnet.train.distill``)."""
@@ -176,6 +180,30 @@ class DistillConfig:
     temperature: float = 1.0
     #: ``cross_entropy`` (ReActNet's value) or ``kl`` (minus the teacher's entropy; same gradient).
     kind: str = "cross_entropy"
+
+    @property
+    def enabled(self) -> bool:
+        """True when a teacher is set."""
+        return self.teacher is not None
+
+    def validate(self) -> None:
+        """Raise :class:`~flipnet.errors.ConfigError` for an invalid combination (no teacher: valid)."""
+        if self.teacher is None:
+            return
+        if not isinstance(self.teacher, str) or not self.teacher.strip():
+            raise ConfigError(f"train.distill.teacher must be a model name, got {self.teacher!r}")
+        if self.checkpoint is None:
+            raise ConfigError(
+                "train.distill.checkpoint is required: flipnet cannot download teacher weights; give the path "
+                "of a trained teacher (see docs/models.md, 'Distillation')"
+            )
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= 1.0:
+            raise ConfigError(f"train.distill.weight must be in [0, 1], got {self.weight!r}")
+        if self.kind not in DISTILL_KINDS:
+            raise ConfigError(f"train.distill.kind must be one of {', '.join(DISTILL_KINDS)}, got {self.kind!r}")
+        if not (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+                and self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"train.distill.temperature must be a positive number, got {self.temperature!r}")
 
 
 @dataclass
@@ -501,14 +529,7 @@ def _check_values(obj: Any, where: str) -> None:
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"{_join(where, 'device')} must be auto, cpu, cuda or cuda:N, got {dev!r}")
     elif isinstance(obj, DistillConfig):
-        if obj.teacher is not None and obj.checkpoint is None:
-            raise ConfigError(f"{_join(where, 'checkpoint')} is required with a teacher: flipnet cannot download weights")
-        if not 0.0 <= obj.weight <= 1.0:
-            raise ConfigError(f"{_join(where, 'weight')} must be in [0, 1], got {obj.weight!r}")
-        if not obj.temperature > 0:
-            raise ConfigError(f"{_join(where, 'temperature')} must be positive, got {obj.temperature!r}")
-        if obj.kind not in ("cross_entropy", "kl"):
-            raise ConfigError(f"{_join(where, 'kind')} must be cross_entropy or kl, got {obj.kind!r}")
+        obj.validate()
     elif isinstance(obj, OptimConfig):
         _positive(obj, where, "weight_clip")
         obj.binary = obj.binary.strip().lower()

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -59,10 +59,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flipnet.errors import CheckpointError, ConfigError
+from flipnet.train.config import DISTILL_KINDS as KINDS
+from flipnet.train.config import DistillConfig
 
 __all__ = [
     "KINDS",
-    "DistillSpec",
+    "spec_from_section",
     "DistillationLoss",
     "distribution_loss",
     "build_teacher",
@@ -71,8 +73,6 @@ __all__ = [
     "loss_from_config",
 ]
 
-#: Values of ``kind``.
-KINDS: tuple[str, ...] = ("cross_entropy", "kl")
 TORCHVISION_PREFIX = "torchvision:"
 
 
@@ -107,61 +107,23 @@ def distribution_loss(
     return per_sample.mean() * (t * t)
 
 
-@dataclass
-class DistillSpec:
-    """What a distilled run uses; the fields of the recipe section ``train.distill``."""
+def spec_from_section(section: Any) -> DistillConfig:
+    """A validated :class:`~flipnet.train.config.DistillConfig` from a ``train.distill`` section.
 
-    #: teacher model: a flipnet registry name or ``torchvision:<name>``; ``None``: no distillation.
-    teacher: str | None = None
-    #: keyword arguments of the teacher's builder (``num_classes``/``in_channels`` come from the data).
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
-    #: weights of the teacher: a run folder, a checkpoint, a ``.pth``/``.pt`` or ``.safetensors`` file.
-    checkpoint: str | None = None
-    #: :math:`w` in :math:`w L_{KD} + (1 - w) CE`; 1 = distillation only (ReActNet).
-    weight: float = 1.0
-    #: softmax temperature :math:`T` (the loss is scaled by :math:`T^2`).
-    temperature: float = 1.0
-    #: ``cross_entropy`` (the reference) or ``kl``.
-    kind: str = "cross_entropy"
-
-    def validate(self) -> None:
-        """Raise :class:`~flipnet.errors.ConfigError` for an invalid combination."""
-        if self.teacher is None:
-            return
-        if not isinstance(self.teacher, str) or not self.teacher.strip():
-            raise ConfigError(f"train.distill.teacher must be a model name, got {self.teacher!r}")
-        if self.checkpoint is None:
-            raise ConfigError(
-                "train.distill.checkpoint is required: flipnet cannot download teacher weights; give the path "
-                "of a trained teacher (see docs/models.md, 'Distillation')"
-            )
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= 1.0:
-            raise ConfigError(f"train.distill.weight must be in [0, 1], got {self.weight!r}")
-        if self.kind not in KINDS:
-            raise ConfigError(f"train.distill.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if not (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
-                and self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"train.distill.temperature must be a positive number, got {self.temperature!r}")
-
-    @classmethod
-    def from_config(cls, section: Any) -> "DistillSpec":
-        """From a ``train.distill`` dataclass or mapping (any object with these attributes)."""
-        if section is None:
-            return cls()
-        if isinstance(section, Mapping):
-            unknown = set(section) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise ConfigError(f"train.distill has no key {sorted(unknown)[0]!r}; valid: {', '.join(cls.__dataclass_fields__)}")
-            spec = cls(**dict(section))
-        else:
-            spec = cls(**{k: getattr(section, k) for k in cls.__dataclass_fields__ if hasattr(section, k)})
-        spec.validate()
-        return spec
-
-    @property
-    def enabled(self) -> bool:
-        """True when a teacher is set."""
-        return self.teacher is not None
+    ``section`` is a :class:`DistillConfig`, a mapping with its keys, or ``None`` (no distillation).
+    """
+    if section is None:
+        return DistillConfig()
+    fields = DistillConfig.__dataclass_fields__
+    if isinstance(section, Mapping):
+        unknown = set(section) - set(fields)
+        if unknown:
+            raise ConfigError(f"train.distill has no key {sorted(unknown)[0]!r}; valid: {', '.join(fields)}")
+        spec = DistillConfig(**dict(section))
+    else:
+        spec = DistillConfig(**{k: getattr(section, k) for k in fields if hasattr(section, k)})
+    spec.validate()
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +233,7 @@ def load_teacher_weights(teacher: nn.Module, state: Mapping[str, Tensor], source
 
 
 def build_teacher(
-    spec: DistillSpec, *, num_classes: int, in_channels: int, device: torch.device | str = "cpu"
+    spec: DistillConfig, *, num_classes: int, in_channels: int, device: torch.device | str = "cpu"
 ) -> nn.Module:
     """The frozen teacher: built from ``spec``, weights loaded strictly, eval mode, no gradients."""
     if spec.teacher is None:
@@ -299,7 +261,7 @@ class DistillationLoss(nn.Module):
 
     Args:
         teacher: the frozen teacher (:func:`build_teacher`).
-        weight, temperature, kind: as in :class:`DistillSpec`.
+        weight, temperature, kind: as in :class:`DistillConfig`.
     """
 
     #: :func:`flipnet.train.fast.make_train_step` passes the input batch to losses that say so.
@@ -307,14 +269,14 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, teacher: nn.Module, *, weight: float = 1.0, temperature: float = 1.0, kind: str = "cross_entropy") -> None:
         super().__init__()
-        DistillSpec(teacher="x", checkpoint="x", weight=weight, temperature=temperature, kind=kind).validate()
+        DistillConfig(teacher="x", checkpoint="x", weight=weight, temperature=temperature, kind=kind).validate()
         self.__dict__["teacher"] = teacher  # not a submodule (see the class docstring)
         self.weight = float(weight)
         self.temperature = float(temperature)
         self.kind = kind
 
     @classmethod
-    def from_spec(cls, spec: DistillSpec, *, num_classes: int, in_channels: int, device: torch.device | str = "cpu") -> "DistillationLoss":
+    def from_spec(cls, spec: DistillConfig, *, num_classes: int, in_channels: int, device: torch.device | str = "cpu") -> "DistillationLoss":
         """Build the teacher of ``spec`` and the loss around it."""
         teacher = build_teacher(spec, num_classes=num_classes, in_channels=in_channels, device=device)
         return cls(teacher, weight=spec.weight, temperature=spec.temperature, kind=spec.kind)
@@ -359,7 +321,7 @@ def loss_from_config(config: Any, data: Any, device: torch.device | str = "cpu")
     (plain cross-entropy).
     """
     section = getattr(getattr(config, "train", None), "distill", None)
-    spec = DistillSpec.from_config(section)
+    spec = spec_from_section(section)
     if not spec.enabled:
         return None
     if getattr(data, "task", "classification") != "classification":
