@@ -353,3 +353,17 @@ def test_multi_seed_mid_epoch_resume_logs_the_rows_of_an_uninterrupted_group(tmp
         got = [{k: v for k, v in r.items() if k != "time_s"} for r in read_metrics(group / f"seed_{seed}")]
         assert got == want
         assert want[0]["real/lr"] == 0.02 and "flip_ratio" in want[1]
+
+
+def test_group_members_at_different_points_are_not_resumed_together(tmp_path):
+    from flipnet.errors import CheckpointError
+    from flipnet.train import save_checkpoint
+    from flipnet.train.loop import Trainer
+
+    Trainer.from_config(_tiny_config(tmp_path, "train.epochs=1", "seeds=[0,1]", "output.name=g")).fit()
+    last = tmp_path / "g" / "seed_1" / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    ckpt["epoch"], ckpt["step"] = 0, 3  # as if its save had been cut off a step earlier
+    save_checkpoint(last, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    with pytest.raises(CheckpointError, match="different points.*seed_1 at epoch 0 step 3"):
+        Trainer.from_config(load_config(tmp_path / "g" / "config.yaml", ["train.epochs=2"]), resume=tmp_path / "g", force=True)

@@ -616,6 +616,11 @@ def read_resume(configs: Sequence[Config], labels: Sequence[str], resume: str | 
         missing = [str(d) for d, f in zip(run_dirs, found) if not f]
         raise CheckpointError(f"{path}: members without a checkpoint ({', '.join(missing)}); the group cannot be resumed together")
     ckpts = [load_checkpoint(resolve_checkpoint(path if len(configs) == 1 else d, "last"), map_location="cpu") for d in run_dirs]
+    points = {(int(ck["epoch"]), int(ck["step"]), int(ck.get("batch_in_epoch", 0))) for ck in ckpts}
+    if len(points) > 1:  # e.g. a save interrupted between members: one trainer cannot continue them together
+        where = ", ".join(f"{d.name} at epoch {ck['epoch']} step {ck['step']}" for d, ck in zip(run_dirs, ckpts))
+        raise CheckpointError(f"{path}: the members' last checkpoints are at different points ({where}); "
+                              "resume each member folder on its own with flipnet train --resume")
     changes: list[str] = []
     for ck, cfg in zip(ckpts, configs):
         stored = ck.get("config")
