@@ -442,3 +442,18 @@ def test_resume_from_best_is_refused_and_loses_no_history(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"last\.pt, not from best\.pt.*model\.init_from"):
         Trainer.from_config(load_config(run / "config.yaml"), resume=run / "checkpoints" / "best.pt")
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_forced_resume_trains_and_logs_the_changed_hyperparameter(tmp_path: Path) -> None:
+    """Loading the optimizer state must not bring back the old, unscheduled settings."""
+    run = _finished(tmp_path, "forced")  # gamma and lr are scheduled here; threshold is not
+    assert all(r["binary/threshold"] == pytest.approx(1e-6) for r in read_metrics(run))
+    trainer = Trainer.from_config(
+        load_config(run / "config.yaml", ["optim.binary_kwargs.threshold=1e-4", "train.epochs=3"]), resume=run, force=True)
+    groups = [g for g in trainer.optimizer.param_groups if g.get("route") == "binary"]
+    assert groups and all(float(g["threshold"]) == pytest.approx(1e-4) for g in groups)
+    trainer.fit()
+    rows = read_metrics(run)
+    assert rows[-1]["epoch"] == 3 and rows[-1]["binary/threshold"] == pytest.approx(1e-4)
+    assert rows[0]["binary/threshold"] == pytest.approx(1e-6)
+    assert load_config(run / "config.yaml").optim.binary_kwargs["threshold"] == pytest.approx(1e-4)

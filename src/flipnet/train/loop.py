@@ -357,7 +357,9 @@ class Trainer:
     def _restore(self, m: Member, ckpt: dict[str, Any]) -> None:
         try:
             m.model.load_state_dict(ckpt["model"])
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in m.optimizer.param_groups]
             m.optimizer.load_state_dict(ckpt["optimizer"])
+            self._reapply_configured(m, configured)
             saved = ckpt.get("schedulers", [])
             if len(saved) != len(m.schedulers or ()):
                 raise CheckpointError(f"the checkpoint has {len(saved)} schedules but the recipe {len(m.schedulers or ())}; "
@@ -387,6 +389,29 @@ class Trainer:
                 self._flip_offsets[i] = ({str(k): int(v) for k, v in flips["counts"].items()}, int(flips.get("steps", 0)))
         if "rng" in ckpt:  # written by rank 0; every rank starts from the same seed, so the states agree anyway
             set_rng_state(ckpt["rng"])
+
+    @staticmethod
+    def _reapply_configured(m: Member, configured: list[dict[str, Any]]) -> None:
+        """Put the recipe's hyperparameters back after ``optimizer.load_state_dict``.
+
+        Loading an optimizer state also restores every param-group setting saved with it, so a
+        forced resume with ``optim.*_kwargs`` changed would train (and log) the old values while
+        ``config.yaml`` shows the new ones. Keys a schedule writes are left to the schedule; without
+        ``--force`` the configured values equal the saved ones and this changes nothing.
+        """
+        groups = m.optimizer.param_groups
+        if len(groups) != len(configured):
+            return
+        scheduled = {getattr(s, "key", None) for s in m.schedulers or ()}
+        for group, values in zip(groups, configured):
+            for key, value in values.items():
+                if key in scheduled or key not in group:
+                    continue
+                current = group[key]
+                if isinstance(current, Tensor):
+                    current.copy_(torch.as_tensor(value, dtype=current.dtype, device=current.device))
+                else:
+                    group[key] = value
 
     def _flip_layers(self, i: int) -> list[tuple[str, Tensor]]:
         """``(layer, binary weight)`` that member ``i``'s flip ratio reports, in its order."""
