@@ -245,6 +245,14 @@ def test_a_last_batch_of_one_trains(capsys, work: Path) -> None:
     assert "1293 train" in out and "323 steps per epoch" in out  # the lone sample is left out
 
 
+def test_batch_size_one_with_batchnorm_is_one_error(capsys, work: Path) -> None:
+    """binary_mlp's BatchNorm1d cannot train on one example: one sentence, not torch's traceback."""
+    check_cli_error(capsys, work, ["train", "digits_bop", "data.batch_size=1", "train.epochs=1", "train.device=cpu",
+                                   "train.progress=false", "train.plots=false", "train.tensorboard=false",
+                                   "--out", str(work / "runs")],
+                    "data.batch_size=2 or more")
+
+
 # ------------------------------------------------------------------------------- run folders
 
 

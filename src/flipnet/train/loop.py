@@ -603,7 +603,16 @@ class Trainer:
             if i < skip:
                 continue
             self._in_step = True
-            loss_sum, correct = self.train_step(x, y)
+            try:
+                loss_sum, correct = self.train_step(x, y)
+            except ValueError as e:
+                if "Expected more than 1 value per channel" not in str(e):
+                    raise
+                raise ConfigError(
+                    f"a training batch of {int((y if s == 1 else y[0]).shape[0])} example(s) is too small for this "
+                    "model's BatchNorm layers (they need at least 2 values per channel in training); "
+                    "use data.batch_size=2 or more"
+                ) from None
             sums[:, 0] += loss_sum
             sums[:, 1] += correct
             one = y if s == 1 else y[0]
