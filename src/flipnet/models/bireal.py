@@ -39,7 +39,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .common import ModelSpec, check_image_input
+from .common import ModelSpec, add_stages, check_image_input
 from .reactnet import LearnableBias, RPReLU
 from .registry import register_model
 
@@ -103,15 +103,7 @@ class BiRealNet(nn.Module):
             stem["bn"] = spec.bn2d(widths[0])
             stem["pool"] = nn.MaxPool2d(3, 2, 1)
         self.stem = nn.Sequential(stem)
-        c_in = widths[0]
-        self.stages: list[str] = []
-        for i, (n, c_out) in enumerate(zip(units, widths), start=1):
-            stage = nn.Sequential(
-                *[BiRealUnit(spec, c_in if j == 0 else c_out, c_out, 2 if (j == 0 and i > 1) else 1, rprelu) for j in range(n)]
-            )
-            setattr(self, f"layer{i}", stage)
-            self.stages.append(f"layer{i}")
-            c_in = c_out
+        c_in = add_stages(self, units, widths, widths[0], lambda ci, co, stride: BiRealUnit(spec, ci, co, stride, rprelu))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = spec.dropout_layer() or nn.Identity()
         self.fc = nn.Linear(c_in, spec.num_classes)

@@ -520,6 +520,28 @@ class SequentialModel(nn.Sequential):
         return super().forward(x)
 
 
+def add_stages(
+    model: nn.Module,
+    units: Sequence[int],
+    widths: Sequence[int],
+    c_in: int,
+    make_block: Callable[[int, int, int], nn.Module],
+) -> int:
+    """Add the residual stages ``layer1, layer2, ...`` of a ResNet-style network to ``model``.
+
+    Stage ``i`` holds ``units[i]`` blocks ``make_block(c_in, c_out, stride)`` with
+    ``c_out = widths[i]``; the first block of every stage after the first has stride 2. The stage
+    names are listed in ``model.stages``. Returns the channel count of the last stage.
+    """
+    model.stages = []
+    for i, (n, c_out) in enumerate(zip(units, widths), start=1):
+        blocks = [make_block(c_in if j == 0 else c_out, c_out, 2 if (j == 0 and i > 1) else 1) for j in range(n)]
+        setattr(model, f"layer{i}", nn.Sequential(*blocks))
+        model.stages.append(f"layer{i}")
+        c_in = c_out
+    return c_in
+
+
 def check_image_input(x: Tensor, in_channels: int, name: str, *, multiple_of: int = 1, min_size: int = 1) -> None:
     """Raise ``ValueError`` unless ``x`` is ``(N, in_channels, H, W)`` with H, W fit for the model."""
     if x.dim() != 4 or x.shape[1] != in_channels:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .common import ModelSpec, check_image_input
+from .common import ModelSpec, add_stages, check_image_input
 from .registry import register_model
 
 __all__ = ["ResNet", "BiRealBlock", "BasicBlock", "PadShortcut", "resnet20", "resnet18"]
@@ -166,15 +166,7 @@ class ResNet(nn.Module):
             stem["pool"] = nn.MaxPool2d(3, 2, 1)
         self.stem = nn.Sequential(stem)
         block_cls = BasicBlock if basic else BiRealBlock
-        c_in = widths[0]
-        self.stages: list[str] = []
-        for i, (n, c_out) in enumerate(zip(blocks, widths), start=1):
-            stage = nn.Sequential(
-                *[block_cls(spec, c_in if j == 0 else c_out, c_out, 2 if (j == 0 and i > 1) else 1, kind) for j in range(n)]
-            )
-            setattr(self, f"layer{i}", stage)
-            self.stages.append(f"layer{i}")
-            c_in = c_out
+        c_in = add_stages(self, blocks, widths, widths[0], lambda ci, co, stride: block_cls(spec, ci, co, stride, kind))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = spec.dropout_layer() or nn.Identity()
         self.fc = nn.Linear(c_in, spec.num_classes)
