@@ -28,6 +28,7 @@ def test_one_epoch_of_binarynet_on_2000_offline_images(tmp_path: Path) -> None:
             f"data.root={root}",
             f"data.options={{cache_dir: {tmp_path / 'cache'}}}",
             "data.subset=2000",
+            "data.val_size=200",  # the recipe holds out 5,000 of the full 50,000
             "data.test_subset=500",
             "train.epochs=1",
             "train.progress=false",
@@ -36,10 +37,10 @@ def test_one_epoch_of_binarynet_on_2000_offline_images(tmp_path: Path) -> None:
             "output.name=cifar_1epoch",
         ],
     )
-    trainer = Trainer(config)
-    assert trainer.steps_per_epoch == 40  # 2,000 images at the paper's batch size of 50
+    trainer = Trainer.from_config(config)
+    assert trainer.steps_per_epoch == 36  # 2,000 - 200 validation images at the paper's batch size of 50
     row = trainer.fit()
-    assert row["epoch"] == 1 and row["step"] == 40
+    assert row["epoch"] == 1 and row["step"] == 36
     assert row["test_acc"] > 0.10 + 0.03  # better than chance after 40 Bop steps
     assert (trainer.run_dir / "checkpoints" / "last.pt").is_file()
     assert (trainer.run_dir / "metrics.csv").read_text().count("\n") == 2
