@@ -397,6 +397,32 @@ def resolve_val_size(val_size: int | float | str | None, n_train: int, name: str
     return count
 
 
+def stratified_holdout(labels: torch.Tensor, k: int, num_classes: int, seed: int) -> torch.Tensor:
+    """A seeded, stratified choice of ``k`` of ``len(labels)`` examples, as a boolean mask.
+
+    Class ``c`` with ``n_c`` of the ``n`` examples gives ``floor(k n_c / n)`` of them; the
+    examples still missing go to the classes with the largest remainders. Within a class, the
+    chosen examples are the first ones of one seeded random permutation of all ``n``.
+    """
+    n = len(labels)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    permuted = labels[perm]
+    counts = torch.bincount(permuted, minlength=num_classes).double()
+    share = counts * (k / n)
+    take = share.floor().long()
+    short = k - int(take.sum())
+    if short:
+        order = torch.argsort(share - take.double(), descending=True, stable=True)
+        take[order[:short]] += 1
+    sort = torch.argsort(permuted, stable=True)
+    starts = torch.cumsum(counts.long(), 0) - counts.long()
+    rank_in_class = torch.empty(n, dtype=torch.long)
+    rank_in_class[sort] = torch.arange(n) - starts[permuted[sort]]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[perm[rank_in_class < take[permuted]]] = True
+    return mask
+
+
 def split_validation(
     bundle: DatasetBundle, val_size: int | float | str | None, *, seed: int = VAL_SPLIT_SEED
 ) -> DatasetBundle:
@@ -426,27 +452,11 @@ def split_validation(
         return bundle
     if bundle.val_x is not None:
         raise ConfigError(f"{bundle.name} already has a validation split of {len(bundle.val_x)} examples")
-    g = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(n, generator=g)
     if bundle.task == "classification":
-        labels = bundle.train_y[perm]
-        counts = torch.bincount(labels, minlength=bundle.num_classes).double()
-        share = counts * (k / n)
-        take = share.floor().long()
-        short = k - int(take.sum())
-        if short:
-            order = torch.argsort(share - take.double(), descending=True, stable=True)
-            take[order[:short]] += 1
-        # Within each class, the first take[c] examples of the random permutation.
-        sort = torch.argsort(labels, stable=True)
-        starts = torch.cumsum(counts.long(), 0) - counts.long()
-        rank_in_class = torch.empty(n, dtype=torch.long)
-        rank_in_class[sort] = torch.arange(n) - starts[labels[sort]]
-        chosen = perm[rank_in_class < take[labels]]
+        is_val = stratified_holdout(bundle.train_y, k, bundle.num_classes, seed)
     else:
-        chosen = perm[:k]
-    is_val = torch.zeros(n, dtype=torch.bool)
-    is_val[chosen] = True
+        is_val = torch.zeros(n, dtype=torch.bool)
+        is_val[torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:k]] = True
     info = dict(bundle.info)
     info["val_split"] = {"size": k, "of": n, "seed": int(seed), "stratified": bundle.task == "classification"}
     return dataclasses.replace(

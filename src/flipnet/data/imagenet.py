@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from flipnet.data.base import not_found, register_dataset, resolve_root, resolve_val_size
+from flipnet.data.base import not_found, register_dataset, resolve_root, resolve_val_size, stratified_holdout
 from flipnet.errors import ConfigError, DataFormatError
 
 __all__ = [
@@ -253,19 +253,7 @@ class ImageFolderData:
             return self
         if self.val_files is not None:
             raise ConfigError(f"{self.name} already has a validation split of {len(self.val_files)} files")
-        g = torch.Generator().manual_seed(int(seed))
-        counts = torch.bincount(self.train_y, minlength=self.num_classes).double()
-        quota = counts * k / n
-        take = quota.floor().long()
-        rest = k - int(take.sum())
-        if rest:
-            frac = quota - take.double()
-            take[torch.argsort(frac, descending=True, stable=True)[:rest]] += 1
-        chosen = torch.zeros(n, dtype=torch.bool)
-        for c in range(self.num_classes):
-            idx = torch.nonzero(self.train_y == c).flatten()
-            if int(take[c]):
-                chosen[idx[torch.randperm(len(idx), generator=g)[: int(take[c])]]] = True
+        chosen = stratified_holdout(self.train_y, k, self.num_classes, seed)
         keep = torch.nonzero(~chosen).flatten().tolist()
         held = torch.nonzero(chosen).flatten().tolist()
         return replace(
